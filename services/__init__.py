@@ -1,0 +1,1 @@
+"""sglmesh services: gateway, tokenizer, router, history and worker, one process each."""

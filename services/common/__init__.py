@@ -1,0 +1,1 @@
+"""Shared plumbing of every service: config, logging, gRPC bootstrap, telemetry, errors."""

@@ -1,0 +1,145 @@
+"""OpenTelemetry tracing: provider setup and W3C context propagation over gRPC metadata.
+
+Every service calls :func:`setup_tracing` once. The server interceptor (see
+``grpc_server``) continues the caller's trace from the ``traceparent`` metadata; the client
+interceptors below inject the current context into every outgoing call, so one request is one
+trace across gateway, tokenizer, router, worker and history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+log = logging.getLogger(__name__)
+
+_configured = False
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends finished spans to a file, one JSON object per line (for tests and debugging)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = []
+        for span in spans:
+            ctx = span.get_span_context()
+            parent = span.parent
+            lines.append(json.dumps({
+                "name": span.name,
+                "service": span.resource.attributes.get("service.name"),
+                "trace_id": format(ctx.trace_id, "032x"),
+                "span_id": format(ctx.span_id, "016x"),
+                "parent_span_id": format(parent.span_id, "016x") if parent else None,
+                "start_ns": span.start_time,
+                "end_ns": span.end_time,
+                "status": span.status.status_code.name,
+                "attributes": dict(span.attributes or {}),
+            }, default=str))
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+        return SpanExportResult.SUCCESS
+
+
+def setup_tracing(service: str, trace_file: str = "", otlp_endpoint: str = "") -> None:
+    """Installs the global tracer provider for this process."""
+    global _configured
+    if _configured:
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": f"sglmesh-{service}"}))
+    if trace_file:
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
+    if otlp_endpoint:
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+            )
+        except ImportError:
+            log.warning("--otlp-endpoint set but opentelemetry-exporter-otlp is not installed")
+    trace.set_tracer_provider(provider)
+    _configured = True
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def extract_context(metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
+    """The trace context carried by incoming gRPC metadata (or HTTP headers)."""
+    carrier = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
+    return propagate.extract(carrier)
+
+
+def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """The current trace context as headers (``traceparent``, ``tracestate``)."""
+    carrier: dict[str, str] = {} if headers is None else headers
+    propagate.inject(carrier)
+    return carrier
+
+
+def _with_trace_metadata(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    carrier = inject_headers()
+    if not carrier:
+        return details
+    metadata = grpc.aio.Metadata()
+    for key, value in details.metadata or ():
+        if key not in carrier:
+            metadata.add(key, value)
+    for key, value in carrier.items():
+        metadata.add(key, value)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return await continuation(_with_trace_metadata(details), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return await continuation(_with_trace_metadata(details), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Callable, details: Any,
+                                     request_iterator: Any) -> Any:
+        return await continuation(_with_trace_metadata(details), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Callable, details: Any,
+                                      request_iterator: Any) -> Any:
+        return await continuation(_with_trace_metadata(details), request_iterator)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that propagate the current trace context on every call."""
+    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
+
+
+def metadata_dict(metadata: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+    """gRPC metadata as a plain dict of its string values (last value wins)."""
+    items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
+    return {k.lower(): v for k, v in items if isinstance(v, str)}
