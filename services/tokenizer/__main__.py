@@ -1,0 +1,48 @@
+"""``python -m services.tokenizer``: the tokenizer/parser service."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
+
+from services.common.grpc_server import GrpcServer, wait_for_shutdown
+from services.common.service import main_for
+from services.tokenizer.config import TokenizerConfig
+from services.tokenizer.core import TokenizerCore
+from services.tokenizer.server import SERVICE_NAME, TokenizerService
+
+log = logging.getLogger("services.tokenizer")
+
+
+async def serve(config: TokenizerConfig) -> None:
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tokenizer")
+    core = TokenizerCore(config.cache_dir)
+    service = TokenizerService(core, executor, worker_timeout=config.worker_timeout)
+    server = GrpcServer(config)
+    server.add_service(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, service,
+                       SERVICE_NAME)
+    await server.start()
+    try:
+        template = config.chat_template_source()
+        for model, source in config.tokenizer_specs():
+            remote = source.startswith(("grpc://", "grpcs://"))
+            tok = await service.load(
+                model, local_path="" if remote else source, worker_target=source if remote else "",
+                chat_template=template or "", wait_for_ready=True)
+            log.info("loaded tokenizer %s from %s (vocab %d, fingerprint %s)", model, tok.source,
+                     tok.vocab_size, tok.fingerprint[:12])
+        await server.set_serving(True)
+        await wait_for_shutdown()
+    finally:
+        await server.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def main() -> None:
+    main_for(TokenizerConfig, serve)
+
+
+if __name__ == "__main__":
+    main()

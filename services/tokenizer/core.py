@@ -1,0 +1,155 @@
+"""The tokenizer service's operations, transport-free: what server.py maps to and from gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.tokenizer.chat_template import ChatTemplateError
+from services.tokenizer.reasoning import REASONING_PARSERS, create_reasoning_parser
+from services.tokenizer.registry import (
+    LoadedTokenizer,
+    TokenizerRegistry,
+    load_from_dir,
+    unpack_bundle,
+)
+from services.tokenizer.stream import DecodeOptions, DecodeSession, StreamDelta
+
+# Tool-call parsers this service implements (none yet: only "" is accepted).
+TOOL_PARSERS: frozenset[str] = frozenset()
+
+
+class InvalidRequest(ValueError):
+    """A request field is wrong; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def require_model(model: str) -> None:
+    if not model:
+        raise InvalidRequest("model", "model is required")
+
+
+class TokenizerCore:
+    """Loads tokenizers into a registry and runs the CPU-side operations on them."""
+
+    def __init__(self, cache_dir: str | Path, registry: TokenizerRegistry | None = None) -> None:
+        self.registry = registry or TokenizerRegistry()
+        self.cache_dir = Path(cache_dir).expanduser()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load_dir(self, model: str, path: str, chat_template: str | None = None,
+                 source: str | None = None) -> LoadedTokenizer:
+        require_model(model)
+        return self.registry.put(load_from_dir(model, path, source=source,
+                                               chat_template=chat_template or None))
+
+    def load_bundle(self, model: str, target: str, data: bytes, sha256: str,
+                    chat_template: str | None = None) -> LoadedTokenizer:
+        require_model(model)
+        directory = unpack_bundle(data, sha256, self.cache_dir)
+        source = target if target.startswith("grpc://") else f"grpc://{target}"
+        return self.load_dir(model, str(directory), chat_template, source=source)
+
+    def get(self, model: str) -> LoadedTokenizer:
+        require_model(model)
+        return self.registry.get(model)
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def tokenize(self, model: str, texts: Sequence[str],
+                 add_special_tokens: bool) -> list[list[int]]:
+        tok = self.get(model)
+        if not texts:
+            return []
+        return tok.encode_batch(texts, add_special_tokens)
+
+    def detokenize(self, model: str, sequences: Sequence[Sequence[int]],
+                   skip_special_tokens: bool) -> list[str]:
+        tok = self.get(model)
+        for n, seq in enumerate(sequences):
+            bad = tok.invalid_ids(seq)
+            if bad:
+                raise InvalidRequest(f"sequences[{n}].token_ids",
+                                     f"token id {bad[0]} is out of range "
+                                     f"(vocab size {tok.vocab_size})")
+        if not sequences:
+            return []
+        return list(tok.tokenizer.decode_batch([list(s) for s in sequences],
+                                               skip_special_tokens=skip_special_tokens))
+
+    def render_chat(self, model: str, messages: list[dict[str, Any]], *,
+                    tools: list[dict[str, Any]] | None = None,
+                    documents: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool | None = None,
+                    template_kwargs: dict[str, Any] | None = None,
+                    continue_final_message: bool = False) -> tuple[str, list[int]]:
+        tok = self.get(model)
+        if tok.chat_template is None:
+            raise InvalidRequest("model", f"model {model!r} has no chat template")
+        if not messages:
+            raise InvalidRequest("messages", "messages must not be empty")
+        for n, message in enumerate(messages):
+            if not isinstance(message.get("role"), str) or not message["role"]:
+                raise InvalidRequest(f"messages[{n}].role", "every message needs a role")
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if add_generation_prompt and continue_final_message:
+            raise InvalidRequest("continue_final_message", "continue_final_message and "
+                                 "add_generation_prompt cannot both be set")
+        prompt = tok.chat_template.render(
+            messages, tools=tools, documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            special_tokens=tok.special_tokens, template_kwargs=template_kwargs,
+        )
+        return prompt, tok.encode(prompt, add_special_tokens=False)
+
+    def open_stream(self, model: str, options: DecodeOptions, reasoning_parser: str = "",
+                    tool_parser: str = "", reasoning_open: bool = False) -> DecodeStreamSpec:
+        """Validates a DecodeStart; the spec makes one DecodeSession per choice."""
+        tok = self.get(model)
+        if reasoning_parser and reasoning_parser not in REASONING_PARSERS:
+            raise InvalidRequest("reasoning_parser",
+                                 f"unknown reasoning parser {reasoning_parser!r}; known: "
+                                 f"{', '.join(sorted(REASONING_PARSERS))}")
+        if tool_parser and tool_parser not in TOOL_PARSERS:
+            raise InvalidRequest("tool_parser", f"unknown tool parser {tool_parser!r}; "
+                                 "no tool parsers are available yet")
+        bad = tok.invalid_ids(options.prompt_token_ids)
+        if bad:
+            raise InvalidRequest("prompt_token_ids", f"token id {bad[0]} is out of range "
+                                 f"(vocab size {tok.vocab_size})")
+        return DecodeStreamSpec(tok, options, reasoning_parser, reasoning_open)
+
+
+@dataclass
+class DecodeStreamSpec:
+    """A validated DecodeStart: everything each choice's session is built from."""
+
+    tokenizer: LoadedTokenizer
+    options: DecodeOptions
+    reasoning_parser: str = ""
+    reasoning_open: bool = False
+
+    def new_session(self) -> DecodeSession:
+        parser = (create_reasoning_parser(self.reasoning_parser, self.reasoning_open)
+                  if self.reasoning_parser else None)
+        return DecodeSession(self.tokenizer, self.options, parser)
+
+    def step(self, session: DecodeSession, token_ids: Sequence[int], finished: bool) -> StreamDelta:
+        bad = self.tokenizer.invalid_ids(token_ids)
+        if bad:
+            raise InvalidRequest("tokens.token_ids", f"token id {bad[0]} is out of range "
+                                 f"(vocab size {self.tokenizer.vocab_size})")
+        if session.finished:
+            raise InvalidRequest("tokens.index", "this choice already finished")
+        return session.step(token_ids, finished)
+
+
+__all__ = ["ChatTemplateError", "InvalidRequest", "TokenizerCore"]

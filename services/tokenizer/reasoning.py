@@ -1,0 +1,105 @@
+"""Streaming reasoning parsers: split ``<think>...</think>`` from the answer (plain Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ReasoningDelta:
+    reasoning: str = ""
+    text: str = ""
+
+
+def _partial_suffix(buf: str, token: str) -> int:
+    """Length of the longest suffix of ``buf`` that is a proper prefix of ``token``."""
+    for k in range(min(len(buf), len(token) - 1), 0, -1):
+        if token.startswith(buf[-k:]):
+            return k
+    return 0
+
+
+class ThinkParser:
+    """Splits streamed text into reasoning and content, safe across chunk boundaries.
+
+    ``in_reasoning``: the generation starts inside the block (the template opened it, or the
+    model always thinks, as DeepSeek-R1 does). An explicit start tag is recognised only
+    before any content; the end tag switches to content, and whitespace right after it is
+    dropped.
+    """
+
+    def __init__(self, start: str = "<think>", end: str = "</think>",
+                 in_reasoning: bool = False) -> None:
+        self.start, self.end = start, end
+        self.in_reasoning = in_reasoning
+        self._buf = ""
+        self._at_block_start = in_reasoning  # an explicit start tag may still come
+        self._seen_content = False
+        self._strip_leading = False
+
+    def push(self, text: str) -> ReasoningDelta:
+        self._buf += text
+        out = ReasoningDelta()
+        while self._buf:
+            if self.in_reasoning:
+                if self._at_block_start:
+                    stripped = self._buf.lstrip()
+                    if stripped.startswith(self.start):
+                        self._buf = stripped[len(self.start):]
+                        self._at_block_start = False
+                        continue
+                    if self.start.startswith(stripped):
+                        break  # could still become the start tag
+                    self._at_block_start = False
+                pos = self._buf.find(self.end)
+                if pos >= 0:
+                    out.reasoning += self._buf[:pos]
+                    self._buf = self._buf[pos + len(self.end):]
+                    self.in_reasoning = False
+                    self._seen_content = True  # no second block after the first
+                    self._strip_leading = True
+                    continue
+                hold = _partial_suffix(self._buf, self.end)
+                out.reasoning += self._buf[:len(self._buf) - hold]
+                self._buf = self._buf[len(self._buf) - hold:]
+                break
+            if self._strip_leading:
+                self._buf = self._buf.lstrip()
+                if not self._buf:
+                    break
+                self._strip_leading = False
+            if not self._seen_content:
+                stripped = self._buf.lstrip()
+                if stripped.startswith(self.start):
+                    self._buf = stripped[len(self.start):]
+                    self.in_reasoning = True
+                    continue
+                if stripped and self.start.startswith(stripped):
+                    break
+                if not stripped:
+                    break  # only whitespace so far: it may precede a start tag
+                self._seen_content = True
+            out.text += self._buf
+            self._buf = ""
+        return out
+
+    def flush(self) -> ReasoningDelta:
+        held, self._buf = self._buf, ""
+        if self.in_reasoning:
+            return ReasoningDelta(reasoning=held)
+        return ReasoningDelta(text=held)
+
+
+# name -> whether the generation starts inside the reasoning block by default.
+REASONING_PARSERS: dict[str, bool] = {
+    "deepseek-r1": True,
+    "qwen3": False,
+    "qwen3-thinking": True,
+}
+
+
+def create_reasoning_parser(name: str, reasoning_open: bool = False) -> ThinkParser:
+    """A parser by name; KeyError for an unknown one."""
+    if name not in REASONING_PARSERS:
+        raise KeyError(name)
+    return ThinkParser(in_reasoning=REASONING_PARSERS[name] or reasoning_open)

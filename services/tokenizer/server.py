@@ -1,0 +1,192 @@
+"""TokenizerService: gRPC <-> TokenizerCore. CPU work runs on a thread pool, never the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from sglmesh.tokenizer.v1 import tokenizer_pb2 as pb
+from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
+
+from services.common.errors import ErrorCode, ServiceError, invalid_argument, not_found
+from services.tokenizer.chat_template import ChatTemplateError
+from services.tokenizer.core import InvalidRequest, TokenizerCore
+from services.tokenizer.registry import LoadedTokenizer, TokenizerLoadError, UnknownModel
+from services.tokenizer.remote import fetch_tokenizer_bundle
+from services.tokenizer.stream import DecodeOptions, DecodeSession
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SERVICE_NAME = "sglmesh.tokenizer.v1.TokenizerService"
+
+
+def _py(value: Any) -> Any:
+    """Struct values are doubles: give integral numbers back their int type."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _py(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_py(v) for v in value]
+    return value
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return _py(json_format.MessageToDict(struct))  # type: ignore[no-any-return]
+
+
+def to_service_error(exc: BaseException) -> ServiceError | None:
+    """Domain exceptions -> ServiceError (the interceptor turns it into a status)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, UnknownModel):
+        return not_found("model", exc.model)
+    if isinstance(exc, InvalidRequest):
+        return invalid_argument(exc.field, str(exc))
+    if isinstance(exc, ChatTemplateError):
+        return invalid_argument("messages", str(exc), reason="CHAT_TEMPLATE_ERROR")
+    if isinstance(exc, TokenizerLoadError):
+        return invalid_argument("source", str(exc), reason="TOKENIZER_LOAD_FAILED")
+    return None
+
+
+def info_of(tok: LoadedTokenizer) -> pb.TokenizerInfo:
+    info = pb.TokenizerInfo(
+        model=tok.model, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
+        has_chat_template=tok.chat_template is not None, source=tok.source,
+        fingerprint=tok.fingerprint, model_max_length=tok.model_max_length,
+    )
+    if tok.bos_token_id is not None:
+        info.bos_token_id = tok.bos_token_id
+    if tok.pad_token_id is not None:
+        info.pad_token_id = tok.pad_token_id
+    return info
+
+
+class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    def __init__(self, core: TokenizerCore, executor: ThreadPoolExecutor,
+                 worker_timeout: float = 60.0) -> None:
+        self.core = core
+        self.executor = executor
+        self.worker_timeout = worker_timeout
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        except Exception as exc:
+            mapped = to_service_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def load(self, model: str, local_path: str = "", worker_target: str = "",
+                   chat_template: str = "", wait_for_ready: bool = False) -> LoadedTokenizer:
+        if not model:
+            raise invalid_argument("model", "model is required")
+        if local_path:
+            return await self._run(self.core.load_dir, model, local_path, chat_template or None)
+        if worker_target:
+            try:
+                data, sha256 = await fetch_tokenizer_bundle(
+                    worker_target, self.worker_timeout, wait_for_ready=wait_for_ready)
+            except grpc.aio.AioRpcError as exc:
+                raise ServiceError(
+                    ErrorCode.UNAVAILABLE, "WORKER_UNAVAILABLE",
+                    f"GetTokenizer from {worker_target} failed: "
+                    f"{exc.code().name} {exc.details()}", {"worker_target": worker_target},
+                ) from exc
+            return await self._run(self.core.load_bundle, model, worker_target, data, sha256,
+                                   chat_template or None)
+        raise invalid_argument("source", "one of local_path or worker_target is required")
+
+    # -- RPCs ------------------------------------------------------------------------------------
+
+    async def LoadTokenizer(self, request: pb.LoadTokenizerRequest,
+                            context: grpc.aio.ServicerContext) -> pb.LoadTokenizerResponse:
+        kind = request.WhichOneof("source")
+        tok = await self.load(
+            request.model, local_path=request.local_path if kind == "local_path" else "",
+            worker_target=request.worker_target if kind == "worker_target" else "",
+            chat_template=request.chat_template)
+        return pb.LoadTokenizerResponse(tokenizer=info_of(tok))
+
+    async def GetTokenizerInfo(self, request: pb.GetTokenizerInfoRequest,
+                               context: grpc.aio.ServicerContext) -> pb.GetTokenizerInfoResponse:
+        tok = await self._run(self.core.get, request.model)
+        return pb.GetTokenizerInfoResponse(tokenizer=info_of(tok))
+
+    async def ListTokenizers(self, request: pb.ListTokenizersRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListTokenizersResponse:
+        return pb.ListTokenizersResponse(
+            tokenizers=[info_of(t) for t in self.core.registry.list()])
+
+    async def Tokenize(self, request: pb.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        results = await self._run(self.core.tokenize, request.model, list(request.texts),
+                                  request.add_special_tokens)
+        return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=r) for r in results],
+                                   total_tokens=sum(len(r) for r in results))
+
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        texts = await self._run(self.core.detokenize, request.model,
+                                [list(s.token_ids) for s in request.sequences],
+                                request.skip_special_tokens)
+        return pb.DetokenizeResponse(texts=texts)
+
+    async def RenderChat(self, request: pb.RenderChatRequest,
+                         context: grpc.aio.ServicerContext) -> pb.RenderChatResponse:
+        def render() -> tuple[str, list[int]]:
+            return self.core.render_chat(
+                request.model, [struct_to_dict(m) for m in request.messages],
+                tools=[struct_to_dict(t) for t in request.tools] or None,
+                documents=[struct_to_dict(d) for d in request.documents] or None,
+                add_generation_prompt=(request.add_generation_prompt
+                                       if request.HasField("add_generation_prompt") else None),
+                template_kwargs=(struct_to_dict(request.template_kwargs)
+                                 if request.HasField("template_kwargs") else None),
+                continue_final_message=request.continue_final_message,
+            )
+
+        prompt, ids = await self._run(render)
+        return pb.RenderChatResponse(prompt=prompt, token_ids=ids)
+
+    async def DecodeStream(
+        self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.DecodeStreamResponse]:
+        spec = None
+        sessions: dict[int, DecodeSession] = {}
+        async for request in request_iterator:
+            kind = request.WhichOneof("request")
+            if spec is None:
+                if kind != "start":
+                    raise invalid_argument("start", "the first DecodeStream message must be start")
+                start = request.start
+                options = DecodeOptions(
+                    skip_special_tokens=(start.skip_special_tokens
+                                         if start.HasField("skip_special_tokens") else True),
+                    stop=list(start.stop), no_stop_trim=start.no_stop_trim,
+                    prompt_token_ids=list(start.prompt_token_ids),
+                )
+                spec = await self._run(self.core.open_stream, start.model, options,
+                                       start.reasoning_parser, start.tool_parser,
+                                       start.reasoning_open)
+                continue
+            if kind != "tokens":
+                raise invalid_argument("start" if kind == "start" else "request",
+                                       "start may only be sent once, as the first message")
+            msg = request.tokens
+            session = sessions.get(msg.index)
+            if session is None:
+                session = sessions[msg.index] = spec.new_session()
+            delta = await self._run(spec.step, session, list(msg.token_ids), msg.finished)
+            yield pb.DecodeStreamResponse(index=msg.index, text=delta.text,
+                                          reasoning_text=delta.reasoning_text,
+                                          stopped=delta.stopped, matched_stop=delta.matched_stop)
