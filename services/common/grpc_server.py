@@ -89,6 +89,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             if isinstance(exc, ServiceError):
                 await context.abort_with_status(exc.to_status())
+            if isinstance(exc, grpc.aio.AioRpcError):
+                # An upstream call failed: relay its code, message and ErrorInfo unchanged.
+                trailers = tuple(
+                    (k, v) for k, v in (exc.trailing_metadata() or ())
+                    if k == "grpc-status-details-bin"
+                )
+                await context.abort(exc.code(), exc.details() or "", trailers)
             log.exception("unhandled error in %s", method, exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 

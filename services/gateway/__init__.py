@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP facade; translates to the tokenizer, router and history services."""

@@ -1,0 +1,26 @@
+"""``python -m services.gateway --port 8000 --router H:P --tokenizer H:P [--history H:P]``."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.common.config import parse_config
+from services.common.logs import setup_logging
+from services.common.telemetry import setup_tracing
+from services.gateway.config import GatewayConfig
+from services.gateway.server import create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(GatewayConfig, argv)
+    setup_logging(config.service_name, config.log_level, config.log_json, config.error_log)
+    setup_tracing(config.service_name, config.trace_file, config.otlp_endpoint)
+    uvicorn.run(
+        create_app(config), host=config.host, port=config.port, loop="uvloop",
+        log_level="warning" if config.log_level == "info" else config.log_level,
+        access_log=config.log_level == "debug", timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

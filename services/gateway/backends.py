@@ -1,0 +1,104 @@
+"""The gateway's gRPC clients of the router, tokenizer and history services."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+from sglmesh.history.v1 import history_pb2_grpc
+from sglmesh.router.v1 import router_admin_pb2 as admin_pb
+from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
+from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
+from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc as tok_grpc
+from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
+
+from services.common.net import create_channel
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import OpenAIError, from_grpc
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    created: int
+    max_context_length: int
+    ready_workers: int
+    tokenizer_worker_url: str
+
+
+class Backends:
+    """Channels and stubs, plus the short-lived model list and tokenizer bootstrapping."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.router_channel = create_channel(config.router)
+        self.tokenizer_channel = create_channel(config.tokenizer)
+        self.scheduler = pb_grpc.SglangSchedulerStub(self.router_channel)
+        self.router_admin = admin_grpc.RouterAdminServiceStub(self.router_channel)
+        self.tokenizer = tok_grpc.TokenizerServiceStub(self.tokenizer_channel)
+        self.history_channel = create_channel(config.history) if config.history else None
+        self.history = (history_pb2_grpc.HistoryServiceStub(self.history_channel)
+                        if self.history_channel else None)
+        self._models: dict[str, ServedModel] = {}
+        self._models_at = 0.0
+        self._models_lock = asyncio.Lock()
+        self._loaded_tokenizers: set[str] = set()
+        self._tokenizer_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        for channel in (self.router_channel, self.tokenizer_channel, self.history_channel):
+            if channel is not None:
+                await channel.close()
+
+    async def models(self, refresh: bool = False) -> dict[str, ServedModel]:
+        """The router's models, cached for ``models_cache_secs``."""
+        async with self._models_lock:
+            if refresh or time.monotonic() - self._models_at > self.config.models_cache_secs:
+                try:
+                    reply = await self.router_admin.ListModels(
+                        admin_pb.ListModelsRequest(), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    raise from_grpc(exc, "router") from exc
+                self._models = {
+                    m.id: ServedModel(m.id, m.create_time.seconds, m.max_context_length,
+                                      m.ready_worker_count, m.tokenizer_worker_url)
+                    for m in reply.models
+                }
+                self._models_at = time.monotonic()
+            return self._models
+
+    async def model(self, model_id: str) -> ServedModel:
+        models = await self.models()
+        if model_id not in models:
+            models = await self.models(refresh=True)
+        if model_id not in models:
+            raise OpenAIError(404, f"The model `{model_id}` does not exist.", param="model",
+                              code="model_not_found")
+        return models[model_id]
+
+    async def ensure_tokenizer(self, model: ServedModel) -> None:
+        """Makes sure the tokenizer service has the model's tokenizer (fetched from a worker)."""
+        if model.id in self._loaded_tokenizers:
+            return
+        async with self._tokenizer_lock:
+            if model.id in self._loaded_tokenizers:
+                return
+            try:
+                await self.tokenizer.GetTokenizerInfo(
+                    tok_pb.GetTokenizerInfoRequest(model=model.id), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise from_grpc(exc, "tokenizer") from exc
+                try:
+                    await self.tokenizer.LoadTokenizer(
+                        tok_pb.LoadTokenizerRequest(
+                            model=model.id, worker_target=model.tokenizer_worker_url),
+                        timeout=120)
+                except grpc.aio.AioRpcError as load_exc:
+                    raise from_grpc(load_exc, "tokenizer") from load_exc
+            self._loaded_tokenizers.add(model.id)
+
+    def forget_tokenizer(self, model_id: str) -> None:
+        self._loaded_tokenizers.discard(model_id)

@@ -1,0 +1,1 @@
+"""The router: worker registry, health, load-balancing policies; serves the worker contract."""

@@ -1,0 +1,37 @@
+"""``python -m services.router --worker-urls grpc://127.0.0.1:30000 --policy round_robin``."""
+
+from __future__ import annotations
+
+from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
+from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
+
+from services.common.grpc_server import GrpcServer, wait_for_shutdown
+from services.common.service import main_for
+from services.router.config import RouterConfig
+from services.router.router import Router
+from services.router.server import RouterAdmin, SchedulerProxy
+
+
+async def serve(config: RouterConfig) -> None:
+    router = Router(config)
+    server = GrpcServer(config)
+    server.add_service(pb_grpc.add_SglangSchedulerServicer_to_server, SchedulerProxy(router),
+                       "sglang.grpc.scheduler.SglangScheduler")
+    server.add_service(admin_grpc.add_RouterAdminServiceServicer_to_server, RouterAdmin(router),
+                       "sglmesh.router.v1.RouterAdminService")
+    await server.start()
+    await router.start()
+    await server.set_serving(True)
+    try:
+        await wait_for_shutdown()
+    finally:
+        await server.stop()
+        await router.stop()
+
+
+def main() -> None:
+    main_for(RouterConfig, serve)
+
+
+if __name__ == "__main__":
+    main()

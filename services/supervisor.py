@@ -1,0 +1,222 @@
+"""``sglmesh up``: every service as its own process on loopback, health-gated, stopped together.
+
+Start order follows dependencies: history and workers, then the router (registers the workers),
+the tokenizer, and last the gateway. A child that dies is reported with its log file, and the
+whole suite stops: nothing is restarted silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.net import CHANNEL_OPTIONS, dial_target, free_port
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM if the supervisor dies, so no process is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    os.setsid()
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=_die_with_parent,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class SuiteConfig:
+    """What ``sglmesh up`` starts."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    model_path: str = ""
+    history_db: str = ""
+    policy: str = "round_robin"
+    log_dir: Path = field(default_factory=lambda: Path(".sglmesh") / "logs")
+    log_level: str = "info"
+    trace_file: str = ""
+    startup_timeout: float = 600.0
+    stop_grace: float = 15.0
+
+
+class Suite:
+    def __init__(self, config: SuiteConfig, out: object = sys.stdout) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self.out = out
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Loopback traffic must never go through a proxy, whatever the environment says.
+        for key in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+            existing = self.env.get(key, "")
+            self.env[key] = ",".join(p for p in (existing, "127.0.0.1,localhost,::1") if p)
+
+    def say(self, message: str) -> None:
+        print(message, file=self.out, flush=True)  # type: ignore[call-overload]
+
+    def _service(self, name: str, port: int, *args: str, host: str = "127.0.0.1") -> Child:
+        common = ["--host", host, "--port", str(port), "--log-level", self.config.log_level]
+        if self.config.trace_file:
+            common += ["--trace-file", self.config.trace_file]
+        label = name if name != "worker" else f"worker-{port}"
+        child = Child(label, [sys.executable, "-m", f"services.{name}", *common, *args],
+                      self.config.log_dir / f"{label}.log")
+        child.start(self.env)
+        self.children.append(child)
+        return child
+
+    def _wait_grpc(self, child: Child, port: int, deadline: float, what: str) -> None:
+        channel = grpc.insecure_channel(dial_target("127.0.0.1", port), options=CHANNEL_OPTIONS)
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            while time.monotonic() < deadline:
+                if not child.alive():
+                    raise StartupError(f"{child.name} exited while {what}; log {child.log_path}:\n"
+                                       f"{child.tail()}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == (
+                            health_pb2.HealthCheckResponse.SERVING):
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.25)
+            raise StartupError(f"{child.name} not ready after {self.config.startup_timeout:.0f}s "
+                               f"({what}); log {child.log_path}:\n{child.tail()}")
+        finally:
+            channel.close()
+
+    def start(self) -> str:
+        """Starts everything; returns the gateway URL once /health says ok."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.startup_timeout
+        started = time.monotonic()
+        history_port, router_port, tokenizer_port = free_port(), free_port(), free_port()
+        worker_ports = [free_port() for _ in range(cfg.workers)]
+        history_db = cfg.history_db or f"sqlite+aiosqlite:///{Path.cwd() / 'sglmesh-history.db'}"
+
+        self.say(f"starting history ({history_db.split('://')[0]})")
+        history = self._service("history", history_port, "--history-db", history_db)
+        workers = []
+        for port in worker_ports:
+            args = ["--model-path", cfg.model_path] if cfg.model_path else []
+            self.say(f"starting worker on :{port} (first start converts the model, ~30 s)")
+            workers.append((self._service("worker", port, *args), port))
+        self._wait_grpc(history, history_port, deadline, "starting history")
+        for child, port in workers:
+            self._wait_grpc(child, port, deadline, "loading the model")
+            self.say(f"  {child.name} ready")
+        worker_urls = [f"grpc://127.0.0.1:{port}" for port in worker_ports]
+        self.say(f"starting router ({cfg.policy}, {len(worker_urls)} workers)")
+        router = self._service("router", router_port, "--policy", cfg.policy,
+                               "--worker-urls", *worker_urls)
+        self.say("starting tokenizer")
+        tokenizer = self._service("tokenizer", tokenizer_port)
+        self._wait_grpc(router, router_port, deadline, "starting")
+        self._wait_grpc(tokenizer, tokenizer_port, deadline, "starting")
+        self.say(f"starting gateway on {cfg.host}:{cfg.port}")
+        # The gateway binds where the user asked; everything else stays on loopback.
+        gateway = self._service(
+            "gateway", cfg.port, "--router", f"127.0.0.1:{router_port}",
+            "--tokenizer", f"127.0.0.1:{tokenizer_port}", "--history", f"127.0.0.1:{history_port}",
+            host=cfg.host)
+        url = f"http://{dial_target(cfg.host, cfg.port)}"
+        with httpx.Client(trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if not gateway.alive():
+                    raise StartupError(f"gateway exited; log {gateway.log_path}:\n{gateway.tail()}")
+                try:
+                    if client.get(f"{url}/health", timeout=2).status_code == 200:
+                        self.say(f"sglmesh is up in {time.monotonic() - started:.1f}s: {url}/v1 "
+                                 f"(logs in {cfg.log_dir})")
+                        return url
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+        raise StartupError(f"gateway not healthy in time; log {gateway.log_path}:\n{gateway.tail()}")
+
+    def first_dead(self) -> Child | None:
+        return next((c for c in self.children if not c.alive()), None)
+
+    def stop(self) -> None:
+        # Reverse start order: the gateway stops taking requests first.
+        for child in reversed(self.children):
+            child.stop(self.config.stop_grace)
+
+
+def run_suite(config: SuiteConfig) -> int:
+    suite = Suite(config)
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        suite.start()
+        suite.say("press Ctrl-C to stop")
+        while not stop["signal"]:
+            dead = suite.first_dead()
+            if dead is not None:
+                suite.say(f"{dead.name} exited with {dead.proc.returncode if dead.proc else '?'}; "
+                          f"log {dead.log_path}:\n{dead.tail()}\nstopping sglmesh")
+                return 1
+            time.sleep(0.5)
+        return 0
+    except StartupError as exc:
+        suite.say(f"sglmesh failed to start: {exc}")
+        return 1
+    finally:
+        suite.say("stopping sglmesh")
+        suite.stop()
