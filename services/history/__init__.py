@@ -1,0 +1,1 @@
+"""The history service: conversations, items and stored responses over SQL."""
