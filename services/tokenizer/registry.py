@@ -47,7 +47,7 @@ class LoadedTokenizer:
     """One model's tokenizer and what the service needs around it."""
 
     model: str
-    tokenizer: tokenizers.Tokenizer
+    tokenizer: tokenizers.Tokenizer = field(repr=False)
     source: str
     directory: Path
     fingerprint: str
@@ -57,7 +57,7 @@ class LoadedTokenizer:
     pad_token_id: int | None
     model_max_length: int
     special_tokens: dict[str, str] = field(default_factory=dict)
-    chat_template: ChatTemplate | None = None
+    chat_template: ChatTemplate | None = field(default=None, repr=False)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)

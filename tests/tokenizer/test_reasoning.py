@@ -1,0 +1,70 @@
+"""The <think> reasoning parser, streamed in arbitrary chunks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.tokenizer.reasoning import ThinkParser, create_reasoning_parser
+
+
+def run(parser: ThinkParser, pieces: list[str]) -> tuple[str, str]:
+    reasoning, text = "", ""
+    for piece in pieces:
+        d = parser.push(piece)
+        reasoning += d.reasoning
+        text += d.text
+    d = parser.flush()
+    return reasoning + d.reasoning, text + d.text
+
+
+def split_every(text: str, n: int) -> list[str]:
+    return [text[i:i + n] for i in range(0, len(text), n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100])
+def test_qwen3_explicit_block(n: int) -> None:
+    text = "<think>\nLet me think.\n</think>\n\nThe answer is 4."
+    assert run(create_reasoning_parser("qwen3"), split_every(text, n)) == \
+        ("\nLet me think.\n", "The answer is 4.")
+
+
+@pytest.mark.parametrize("n", [1, 4, 100])
+def test_deepseek_starts_in_reasoning(n: int) -> None:
+    text = "pondering...</think>Done."
+    assert run(create_reasoning_parser("deepseek-r1"), split_every(text, n)) == \
+        ("pondering...", "Done.")
+    # an explicit start tag from the model is dropped
+    assert run(create_reasoning_parser("deepseek-r1"), split_every("<think>" + text, n)) == \
+        ("pondering...", "Done.")
+
+
+def test_qwen3_without_thinking_is_content() -> None:
+    assert run(create_reasoning_parser("qwen3"), ["Just ", "an answer <think> tag"]) == \
+        ("", "Just an answer <think> tag")
+
+
+def test_reasoning_open_honoured() -> None:
+    assert run(create_reasoning_parser("qwen3", reasoning_open=True), ["a</th", "ink>b"]) == \
+        ("a", "b")
+
+
+def test_unterminated_reasoning_flushes_as_reasoning() -> None:
+    assert run(create_reasoning_parser("qwen3"), ["<think>still going </thi"]) == \
+        ("still going </thi", "")
+
+
+def test_unknown_parser() -> None:
+    with pytest.raises(KeyError):
+        create_reasoning_parser("nope")
+
+
+@given(reasoning=st.text(alphabet="ab </>thk\n", max_size=20).filter(lambda s: "</think>" not in s),
+       answer=st.text(alphabet="xy <>\n", max_size=20).filter(lambda s: s == s.lstrip()),
+       size=st.integers(min_value=1, max_value=9))
+def test_chunking_does_not_matter(reasoning: str, answer: str, size: int) -> None:
+    text = "<think>" + reasoning + "</think>" + answer
+    whole = run(create_reasoning_parser("qwen3"), [text])
+    assert run(create_reasoning_parser("qwen3"), split_every(text, size)) == whole
+    assert whole == (reasoning, answer)
