@@ -1,0 +1,244 @@
+"""The history service as a real process (python -m services.history) over gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sglmesh.history.v1 import history_pb2 as pb
+from sglmesh.history.v1 import history_pb2_grpc
+
+from services.common.errors import ErrorCode, error_details
+from services.common.net import CHANNEL_OPTIONS, free_port
+from tests.procs import ServiceProcess
+
+
+def struct(value: dict) -> struct_pb2.Struct:  # type: ignore[type-arg]
+    return json_format.ParseDict(value, struct_pb2.Struct())
+
+
+def message(text: str, role: str = "user") -> pb.Item:
+    return pb.Item(type="message", role=role,
+                   data=struct({"content": [{"type": "input_text", "text": text}]}))
+
+
+def stub_for(proc: ServiceProcess) -> tuple[grpc.Channel, history_pb2_grpc.HistoryServiceStub]:
+    channel = grpc.insecure_channel(proc.target, options=CHANNEL_OPTIONS)
+    return channel, history_pb2_grpc.HistoryServiceStub(channel)
+
+
+@pytest.fixture
+def db_file(tmp_path: Path) -> Path:
+    return tmp_path / "history.db"
+
+
+@pytest.fixture
+def history(db_file: Path) -> Iterator[ServiceProcess]:
+    with ServiceProcess("history", ["--history-db", f"sqlite+aiosqlite:///{db_file}"],
+                        ready_timeout=60) as proc:
+        yield proc
+
+
+@pytest.fixture
+def stub(history: ServiceProcess) -> Iterator[history_pb2_grpc.HistoryServiceStub]:
+    channel, stub = stub_for(history)
+    yield stub
+    channel.close()
+
+
+def test_conversation_round_trip(stub: history_pb2_grpc.HistoryServiceStub) -> None:
+    created = stub.CreateConversation(pb.CreateConversationRequest(
+        tenant="t1", metadata={"topic": "demo"}, items=[message("hi")], request_id="req-1"),
+        timeout=10)
+    conv = created.conversation
+    assert conv.id.startswith("conv_") and conv.metadata["topic"] == "demo"
+    assert conv.create_time.seconds > 0
+    assert created.items[0].id.startswith("msg_") and created.items[0].role == "user"
+
+    retry = stub.CreateConversation(pb.CreateConversationRequest(
+        tenant="t1", metadata={"topic": "demo"}, items=[message("hi")], request_id="req-1"),
+        timeout=10)
+    assert retry.conversation.id == conv.id
+
+    got = stub.GetConversation(pb.GetConversationRequest(tenant="t1", conversation_id=conv.id),
+                               timeout=10)
+    assert got.conversation == conv
+
+    added = stub.CreateConversationItems(pb.CreateConversationItemsRequest(
+        tenant="t1", conversation_id=conv.id,
+        items=[message("hello", "assistant"), message("more")]), timeout=10)
+    assert len(added.items) == 2
+    page = stub.ListConversationItems(pb.ListConversationItemsRequest(
+        tenant="t1", conversation_id=conv.id, page_size=2), timeout=10)
+    assert [i.id for i in page.items] == [created.items[0].id, added.items[0].id]
+    assert page.next_page_token == added.items[0].id
+    rest = stub.ListConversationItems(pb.ListConversationItemsRequest(
+        tenant="t1", conversation_id=conv.id, page_size=2, page_token=page.next_page_token),
+        timeout=10)
+    assert [i.id for i in rest.items] == [added.items[1].id] and rest.next_page_token == ""
+    desc = stub.ListConversationItems(pb.ListConversationItemsRequest(
+        tenant="t1", conversation_id=conv.id, order=pb.SORT_ORDER_DESC), timeout=10)
+    assert desc.items[0].id == added.items[1].id
+    item = stub.GetConversationItem(pb.GetConversationItemRequest(
+        tenant="t1", conversation_id=conv.id, item_id=added.items[0].id), timeout=10).item
+    assert json_format.MessageToDict(item.data)["content"][0]["text"] == "hello"
+
+    updated = stub.UpdateConversation(pb.UpdateConversationRequest(
+        tenant="t1", conversation=pb.Conversation(id=conv.id, metadata={"topic": "new"}),
+        update_mask=field_mask_pb2.FieldMask(paths=["metadata"])), timeout=10)
+    assert dict(updated.conversation.metadata) == {"topic": "new"}
+
+    listed = stub.ListConversations(pb.ListConversationsRequest(tenant="t1"), timeout=10)
+    assert [c.id for c in listed.conversations] == [conv.id]
+
+    stub.DeleteConversationItem(pb.DeleteConversationItemRequest(
+        tenant="t1", conversation_id=conv.id, item_id=created.items[0].id), timeout=10)
+    stub.DeleteConversation(pb.DeleteConversationRequest(tenant="t1", conversation_id=conv.id),
+                            timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetConversation(pb.GetConversationRequest(tenant="t1", conversation_id=conv.id),
+                             timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_responses_over_grpc(stub: history_pb2_grpc.HistoryServiceStub) -> None:
+    first = stub.CreateResponse(pb.CreateResponseRequest(tenant="t1", response=pb.StoredResponse(
+        model="m", status="completed", input_items=[message("q1")],
+        output_items=[message("a1", "assistant")], usage=struct({"total_tokens": 5}))),
+        timeout=10).response
+    assert first.id.startswith("resp_") and first.usage["total_tokens"] == 5
+    second = stub.CreateResponse(pb.CreateResponseRequest(tenant="t1", response=pb.StoredResponse(
+        model="m", status="in_progress", previous_response_id=first.id,
+        input_items=[message("q2")])), timeout=10).response
+    updated = stub.UpdateResponse(pb.UpdateResponseRequest(
+        tenant="t1", response=pb.StoredResponse(id=second.id, status="completed",
+                                                output_items=[message("a2", "assistant")]),
+        update_mask=field_mask_pb2.FieldMask(paths=["status", "output_items"])),
+        timeout=10).response
+    assert updated.status == "completed" and len(updated.output_items) == 1
+    chain = stub.GetResponseChain(pb.GetResponseChainRequest(
+        tenant="t1", response_id=second.id), timeout=10).responses
+    assert [r.id for r in chain] == [first.id, second.id]
+    inputs = stub.ListResponseInputItems(pb.ListResponseInputItemsRequest(
+        tenant="t1", response_id=second.id), timeout=10)
+    assert len(inputs.items) == 1
+    stub.DeleteResponse(pb.DeleteResponseRequest(tenant="t1", response_id=second.id), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetResponse(pb.GetResponseRequest(tenant="t1", response_id=second.id), timeout=10)
+    assert error_details(err.value).reason == "RESPONSE_NOT_FOUND"
+
+
+def test_errors_carry_error_info(stub: history_pb2_grpc.HistoryServiceStub) -> None:
+    conv = stub.CreateConversation(pb.CreateConversationRequest(tenant="a"),
+                                   timeout=10).conversation
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetConversation(pb.GetConversationRequest(tenant="b", conversation_id=conv.id),
+                             timeout=10)
+    info = error_details(err.value)
+    assert info.code is ErrorCode.NOT_FOUND and info.reason == "CONVERSATION_NOT_FOUND"
+    assert info.metadata == {"conversation": conv.id}
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateConversation(pb.CreateConversationRequest(
+            tenant="a", metadata={f"k{i}": "v" for i in range(17)}), timeout=10)
+    info = error_details(err.value)
+    assert info.code is ErrorCode.INVALID_ARGUMENT and info.metadata["field"] == "metadata"
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateConversation(pb.UpdateConversationRequest(
+            tenant="a", conversation=pb.Conversation(id=conv.id),
+            update_mask=field_mask_pb2.FieldMask(paths=["create_time"])), timeout=10)
+    info = error_details(err.value)
+    assert info.code is ErrorCode.INVALID_ARGUMENT and info.metadata["field"] == "update_mask"
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListConversations(pb.ListConversationsRequest(tenant="a", page_size=500),
+                               timeout=10)
+    assert error_details(err.value).metadata["field"] == "page_size"
+
+
+def test_survives_kill_9(db_file: Path) -> None:
+    args = ["--history-db", f"sqlite+aiosqlite:///{db_file}"]
+    proc = ServiceProcess("history", args, ready_timeout=60).start()
+    try:
+        channel, stub = stub_for(proc)
+        created = stub.CreateConversation(pb.CreateConversationRequest(
+            tenant="t", items=[message("keep me")]), timeout=10)
+        channel.close()
+        assert proc.proc is not None
+        os.killpg(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait(10)
+    finally:
+        proc.stop()
+    with ServiceProcess("history", args, ready_timeout=60) as again:
+        channel, stub = stub_for(again)
+        got = stub.ListConversationItems(pb.ListConversationItemsRequest(
+            tenant="t", conversation_id=created.conversation.id), timeout=10)
+        assert [i.id for i in got.items] == [created.items[0].id]
+        channel.close()
+
+
+def test_unreachable_database_is_unavailable_not_a_hang() -> None:
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nowhere"
+    with ServiceProcess("history", ["--history-db", url, "--op-timeout", "2"],
+                        wait_ready=False) as proc:
+        channel = grpc.insecure_channel(proc.target, options=CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = history_pb2_grpc.HistoryServiceStub(channel)
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CreateConversation(pb.CreateConversationRequest(tenant="t"), timeout=20)
+            assert time.monotonic() - start < 5
+            info = error_details(err.value)
+            assert info.code is ErrorCode.UNAVAILABLE and info.reason == "STORAGE_UNAVAILABLE"
+        finally:
+            channel.close()
+
+
+def test_retention_purges_old_responses(db_file: Path) -> None:
+    args = ["--history-db", f"sqlite+aiosqlite:///{db_file}", "--response-max-age", "1"]
+    with ServiceProcess("history", args, ready_timeout=60) as proc:
+        channel, stub = stub_for(proc)
+        try:
+            stored = stub.CreateResponse(pb.CreateResponseRequest(
+                tenant="t", response=pb.StoredResponse(model="m", input_items=[message("q")])),
+                timeout=10).response
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    stub.GetResponse(pb.GetResponseRequest(tenant="t", response_id=stored.id),
+                                     timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.NOT_FOUND
+                    break
+                assert time.monotonic() < deadline, "response not purged"
+                time.sleep(0.3)
+        finally:
+            channel.close()
+
+
+def test_migrate_command(db_file: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    url = f"sqlite+aiosqlite:///{db_file}"
+    for action, expected in (("upgrade", "0001_initial"), ("downgrade", "base"),
+                             ("upgrade", "0001_initial")):
+        done = subprocess.run([sys.executable, "-m", "services.history.migrate", action,
+                               "--history-db", url], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout
