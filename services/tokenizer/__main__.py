@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
+from services.common.errors import ServiceError
 from services.common.grpc_server import GrpcServer, wait_for_shutdown
 from services.common.service import main_for
 from services.tokenizer.config import TokenizerConfig
@@ -28,9 +29,14 @@ async def serve(config: TokenizerConfig) -> None:
         template = config.chat_template_source()
         for model, source in config.tokenizer_specs():
             remote = source.startswith(("grpc://", "grpcs://"))
-            tok = await service.load(
-                model, local_path="" if remote else source, worker_target=source if remote else "",
-                chat_template=template or "", wait_for_ready=True)
+            try:
+                tok = await service.load(
+                    model, local_path="" if remote else source,
+                    worker_target=source if remote else "",
+                    chat_template=template or "", wait_for_ready=True)
+            except ServiceError as exc:
+                log.error("cannot load the tokenizer of %s from %s: %s", model, source, exc)
+                raise SystemExit(1) from exc
             log.info("loaded tokenizer %s from %s (vocab %d, fingerprint %s)", model, tok.source,
                      tok.vocab_size, tok.fingerprint[:12])
         await server.set_serving(True)

@@ -317,3 +317,11 @@ def test_unreachable_worker(stub: Any) -> None:
     assert d.reason == "WORKER_UNAVAILABLE"
     listed = [t.model for t in stub.ListTokenizers(pb.ListTokenizersRequest()).tokenizers]
     assert "w" not in listed and "smollm2" in listed
+
+
+def test_bad_startup_source_exits(tmp_path: Path) -> None:
+    proc = ServiceProcess("tokenizer", ["--tokenizer", f"m={tmp_path / 'missing'}"],
+                          ready_timeout=30)
+    with pytest.raises(RuntimeError, match="not a directory"):
+        proc.start()
+    proc.stop()
