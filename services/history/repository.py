@@ -114,7 +114,7 @@ class HistoryRepository:
         except sa_exc.DataError as exc:
             raise InvalidInput("request", f"value rejected by the database: {exc.orig}") from exc
         except (sa_exc.SQLAlchemyError, OSError, ConnectionError) as exc:
-            log.warning("database error in %s: %s", what, exc)
+            log.debug("database error in %s: %s", what, exc)
             detail = getattr(exc, "orig", None) or exc
             raise StorageUnavailable(f"database unavailable ({what}): {detail}") from exc
 
