@@ -92,15 +92,15 @@ class SuiteConfig:
 
 
 class Suite:
-    def __init__(self, config: SuiteConfig, out: object = sys.stdout) -> None:
+    def __init__(self, config: SuiteConfig, out: object = sys.stdout,
+                 env: dict[str, str] | None = None) -> None:
         self.config = config
         self.children: list[Child] = []
         self.out = out
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # Loopback traffic must never go through a proxy, whatever the environment says.
-        for key in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
-            existing = self.env.get(key, "")
-            self.env[key] = ",".join(p for p in (existing, "127.0.0.1,localhost,::1") if p)
+        # Internal channels ignore HTTP proxies themselves (services.common.net), so the
+        # environment is passed on unchanged.
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.ports: dict[str, int] = {}
 
     def say(self, message: str) -> None:
         print(message, file=self.out, flush=True)  # type: ignore[call-overload]
@@ -143,6 +143,9 @@ class Suite:
         started = time.monotonic()
         history_port, router_port, tokenizer_port = free_port(), free_port(), free_port()
         worker_ports = [free_port() for _ in range(cfg.workers)]
+        self.ports = {"history": history_port, "router": router_port,
+                      "tokenizer": tokenizer_port, "gateway": cfg.port}
+        self.ports.update({f"worker-{i}": port for i, port in enumerate(worker_ports)})
         history_db = cfg.history_db or f"sqlite+aiosqlite:///{Path.cwd() / 'sglmesh-history.db'}"
 
         self.say(f"starting history ({history_db.split('://')[0]})")
