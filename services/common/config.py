@@ -104,7 +104,12 @@ def build_parser(config_cls: type[ServiceConfig], prog: str | None = None) -> ar
         if not f.init:
             continue
         kind, _ = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         help_text = f.metadata.get("help", "") + f" [env {_env_name(config_cls, f.name)}]"
         if kind is bool:
             parser.add_argument(

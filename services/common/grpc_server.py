@@ -16,7 +16,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common.config import ServiceConfig
-from services.common.errors import ErrorCode, ServiceError
+from services.common.errors import ServiceError
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS, start_metrics_server
 from services.common.net import dial_target, format_target
 
@@ -224,7 +224,7 @@ async def wait_for_shutdown() -> None:
         loop.remove_signal_handler(sig)
 
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Runs a service's async main on uvloop when available."""
     try:
         import uvloop

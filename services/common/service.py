@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from services.common.config import ServiceConfig, parse_config
 from services.common.grpc_server import run
@@ -13,7 +13,7 @@ from services.common.telemetry import setup_tracing
 C = TypeVar("C", bound=ServiceConfig)
 
 
-def main_for(config_cls: type[C], serve: Callable[[C], Awaitable[None]],
+def main_for(config_cls: type[C], serve: Callable[[C], Coroutine[Any, Any, None]],
              argv: list[str] | None = None) -> None:
     """``python -m services.<name>``: flags -> config -> logging/tracing -> ``serve(config)``."""
     config = parse_config(config_cls, argv)

@@ -41,10 +41,11 @@ class SchedulerProxy(pb_grpc.SglangSchedulerServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def _pick(self, context: grpc.aio.ServicerContext,
-              info: SelectionInfo = SelectionInfo()) -> tuple[Worker, dict[str, str]]:
+    def _pick(self, context: grpc.aio.ServicerContext) -> tuple[Worker, dict[str, str]]:
+        """A worker of the requested model for a call that carries no prompt."""
         md = metadata_dict(context.invocation_metadata())
-        worker = self.router.select(md.get(MODEL_KEY, ""), info, md.get(TARGET_WORKER_KEY, ""))
+        worker = self.router.select(md.get(MODEL_KEY, ""), SelectionInfo(),
+                                    md.get(TARGET_WORKER_KEY, ""))
         return worker, md
 
     async def Generate(self, request: pb.GenerateRequest,
