@@ -40,6 +40,9 @@ class WorkerConfig(ServiceConfig):
     max_running_requests: int = option(8, help="Requests decoded concurrently; more wait.")
     context_length: int = option(0, help="Context length (0 = the model's maximum).")
     num_threads: int = option(0, help="Torch CPU threads (0 = all cores).")
+    batch_decode: bool = option(
+        True, help="Decode all running requests in one batched forward pass (left padding); "
+                   "--no-batch-decode runs one forward pass per request.")
     health_check_timeout: float = option(
         20.0, help="Seconds the deep HealthCheck waits for its 1-token generation.")
 

@@ -1,11 +1,17 @@
 """The embedded ``torch`` engine: a transformers causal LM served from one background thread.
 
-Scheduling is iteration-level (continuous batching without batched kernels): one engine loop
-step admits waiting requests (one prefill forward pass each, which also samples their first
-token) and advances every other running request by exactly one token. Each request keeps its
-own KV cache (a transformers ``DynamicCache``), so the forward passes of different requests are
-**interleaved per request, not batched into one tensor**; a request joins or leaves between two
-steps without disturbing the others, and greedy output does not depend on what else runs.
+Scheduling is iteration-level (continuous batching): one engine loop step admits waiting
+requests (one prefill forward pass each, which also samples their first token) and advances
+every other running request by exactly one token. Requests join and leave between two steps.
+
+Each request owns its KV cache (a transformers ``DynamicCache``). With ``batch_decode`` (the
+default) the decode tokens of all running requests are computed in ONE batched forward pass:
+their caches are left-padded to a common length and stacked, an attention mask hides the
+padding, and position ids continue each request's own sequence; each request then takes back
+its slice. Prefills run one request at a time. In float32 batched greedy output equals
+unbatched greedy output token for token; in bfloat16 the different reduction shapes can flip a
+near-tie after a few dozen tokens (numerics, not a masking error). ``batch_decode=False``
+interleaves one forward pass per request instead.
 
 All model work happens in the engine thread; the asyncio side only enqueues work and reads
 outputs, so the event loop is never blocked. Plain Python: no transport types here.
@@ -117,7 +123,7 @@ class TorchEngine:
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "bfloat16",
                  max_running_requests: int = 8, context_length: int = 0,
-                 num_threads: int = 0) -> None:
+                 num_threads: int = 0, batch_decode: bool = True) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -143,6 +149,7 @@ class TorchEngine:
         self.vocab_size = int(self.hf_config.vocab_size)
         self.eos_token_ids = self._eos_ids()
         self.max_running_requests = max_running_requests
+        self.batch_decode = batch_decode
         self.max_total_num_tokens = self.context_length * max_running_requests
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         cfg = self.hf_config
@@ -290,8 +297,12 @@ class TorchEngine:
                 try:
                     for req in admitted:
                         self._step(req, prefill=True)
-                    for req in decoding:
-                        self._step(req, prefill=False)
+                    live = [r for r in decoding if not r.finished]
+                    if self.batch_decode and len(live) > 1:
+                        self._decode_batch(live)
+                    else:
+                        for req in live:
+                            self._step(req, prefill=False)
                     self.steps += 1
                 except Exception as exc:  # a broken step fails its requests, not the thread
                     log.exception("engine step failed")
@@ -300,6 +311,7 @@ class TorchEngine:
                         self.abort(req.request_id, f"engine error: {exc}")
 
     def _step(self, req: _Request, prefill: bool) -> None:
+        """One forward pass for one request (its prefill, or one decode token)."""
         import torch
         from transformers import DynamicCache
 
@@ -312,10 +324,66 @@ class TorchEngine:
         ids = torch.tensor([req.next_input], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, past_key_values=req.cache, use_cache=True,
                          logits_to_keep=1)
-        logits = out.logits[0, -1].float()
+        self._accept(req, out.logits[0, -1].float())
+
+    def _batchable(self, req: _Request) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return req.cache is not None and all(
+            type(layer) is DynamicLayer for layer in req.cache.layers)
+
+    def _decode_batch(self, reqs: list[_Request]) -> None:
+        """One decode token for several requests in ONE forward pass.
+
+        The requests' own KV caches are left-padded to a common length and stacked; an
+        attention mask hides the padding and position ids continue each request's own
+        sequence. Afterwards each request gets back its slice (old KV + the new token).
+        """
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        singles = [r for r in reqs if not self._batchable(r)]
+        reqs = [r for r in reqs if self._batchable(r)]
+        for req in singles:
+            self._step(req, prefill=False)
+        if len(reqs) < 2:
+            for req in reqs:
+                self._step(req, prefill=False)
+            return
+        lengths = [r.cache.get_seq_length() for r in reqs]
+        longest = max(lengths)
+        layers = []
+        for i in range(len(reqs[0].cache.layers)):
+            keys, values = [], []
+            for req, length in zip(reqs, lengths, strict=True):
+                layer = req.cache.layers[i]
+                pad = (0, 0, longest - length, 0)
+                keys.append(F.pad(layer.keys, pad))
+                values.append(F.pad(layer.values, pad))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        batch = DynamicCache(ddp_cache_data=layers, config=self.hf_config)
+        mask = torch.zeros((len(reqs), longest + 1), dtype=torch.long, device=self.device)
+        for row, length in enumerate(lengths):
+            mask[row, longest - length:] = 1
+        ids = torch.tensor([r.next_input for r in reqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[n] for n in lengths], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=batch, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        for row, (req, length) in enumerate(zip(reqs, lengths, strict=True)):
+            start = longest - length
+            req.cache = DynamicCache(ddp_cache_data=[
+                (layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:])
+                for layer in batch.layers], config=self.hf_config)
+            self._accept(req, logits[row])
+
+    def _accept(self, req: _Request, logits: Any) -> None:
+        """Samples the next token from ``logits`` and publishes it."""
         token = self._sample(req, logits)
         with self._lock:
             if req.finished:  # aborted while its forward pass ran
+                req.cache = None
                 return
             req.output_ids.append(token)
             req.next_input = [token]

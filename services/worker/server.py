@@ -278,7 +278,8 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
                     context_length=engine.context_length, dp_size=1, tp_size=1,
                     data_parallel_size=1)
         loads = engine.loads()
-        scheduler = {"engine": "torch", "scheduling": "iteration-level, interleaved per request",
+        scheduler = {"engine": "torch", "batch_decode": engine.batch_decode,
+                     "scheduling": "iteration-level (continuous batching)",
                      "max_running_requests": engine.max_running_requests,
                      "max_total_num_tokens": engine.max_total_num_tokens,
                      "model_load_seconds": round(engine.load_seconds, 3),
@@ -409,7 +410,8 @@ async def serve(config: WorkerConfig) -> None:
     engine = await asyncio.to_thread(
         TorchEngine, model_dir, device=config.device, dtype=config.dtype,
         max_running_requests=config.max_running_requests,
-        context_length=config.context_length, num_threads=config.num_threads)
+        context_length=config.context_length, num_threads=config.num_threads,
+        batch_decode=config.batch_decode)
     engine.start()
     servicer.engine = engine
     healthy, message = await servicer.health_probe(max(config.health_check_timeout, 60.0))

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from procs import ServiceProcess
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.errors import ErrorCode, error_details
 from services.common.net import create_channel
+from tests.procs import ServiceProcess
 
 
 @pytest.fixture(scope="module")
