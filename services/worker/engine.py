@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,10 +136,11 @@ class TorchEngine:
         self.torch_dtype = getattr(torch, dtype)
         start = time.monotonic()
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=self.torch_dtype).to(self.device)
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.torch_dtype)
+        self.model: Any = model.to(self.device)
         self.model.eval()
         self.load_seconds = time.monotonic() - start
+        self.generation_config: Any = None
         try:
             self.generation_config = GenerationConfig.from_pretrained(self.model_path)
         except OSError:
@@ -223,7 +224,7 @@ class TorchEngine:
         return req
 
     async def generate(self, request_id: str, input_ids: list[int],
-                       options: SamplingOptions) -> AsyncIterator[EngineOutput]:
+                       options: SamplingOptions) -> AsyncGenerator[EngineOutput, None]:
         """Yields outputs until (and including) the finishing one.
 
         Closing the generator or cancelling its consumer before the end aborts the request.
@@ -371,11 +372,12 @@ class TorchEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=batch, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
+        filled: list[Any] = list(batch.layers)
         for row, (req, length) in enumerate(zip(reqs, lengths, strict=True)):
             start = longest - length
             req.cache = DynamicCache(ddp_cache_data=[
                 (layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:])
-                for layer in batch.layers], config=self.hf_config)
+                for layer in filled], config=self.hf_config)
             self._accept(req, logits[row])
 
     def _accept(self, req: _Request, logits: Any) -> None:

@@ -162,8 +162,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Non
     torch_dtype = getattr(torch, dtype)
 
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch_dtype)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer: Any = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     model.config.bos_token_id, model.config.eos_token_id = bos, eos
     model.config.pad_token_id = pad
     gen = model.generation_config
@@ -173,7 +174,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Non
 
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     tok.save_pretrained(out_dir)
-    vocab = tok.convert_ids_to_tokens([bos, eos, pad, ids.get("unknown", 0)])
+    vocab: list[str] = list(tok.convert_ids_to_tokens([bos, eos, pad, ids.get("unknown", 0)]))
 
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
