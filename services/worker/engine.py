@@ -53,6 +53,7 @@ class SamplingOptions:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -438,6 +439,8 @@ class TorchEngine:
 
         opts = req.options
         logits = logits[: self.vocab_size].cpu()
+        for tok, bias in opts.logit_bias.items():
+            logits[tok] += bias
         if req.seen is not None:
             penalty = opts.repetition_penalty
             picked = logits[req.seen]

@@ -127,6 +127,16 @@ def sampling_options(request: pb.GenerateRequest, context_length: int,
     if bad_stop:
         raise invalid_argument("sampling_params.stop_token_ids",
                                f"stop token id {bad_stop[0]} is out of the vocabulary")
+    logit_bias: dict[int, float] = {}
+    for key, bias in sp.logit_bias.items():
+        try:
+            tok = int(key)
+        except ValueError:
+            tok = -1
+        if not 0 <= tok < vocab_size:
+            raise invalid_argument("sampling_params.logit_bias",
+                                   f"logit_bias key {key!r} is not a token id in the vocabulary")
+        logit_bias[tok] = float(bias)
     seed = None
     if sp.HasField("custom_params") and "seed" in sp.custom_params.fields:
         seed = int(sp.custom_params.fields["seed"].number_value)
@@ -136,7 +146,7 @@ def sampling_options(request: pb.GenerateRequest, context_length: int,
         frequency_penalty=float(sp.frequency_penalty),
         presence_penalty=float(sp.presence_penalty), max_new_tokens=max_new,
         min_new_tokens=int(sp.min_new_tokens), stop_token_ids=[int(t) for t in sp.stop_token_ids],
-        ignore_eos=sp.ignore_eos, seed=seed)
+        ignore_eos=sp.ignore_eos, seed=seed, logit_bias=logit_bias)
 
 
 class WorkerServicer(pb_grpc.SglangSchedulerServicer):

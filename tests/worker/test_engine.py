@@ -71,6 +71,13 @@ async def test_min_new_tokens_blocks_eos(engine: TorchEngine,
     assert 2 not in tokens[:11]
 
 
+async def test_logit_bias_forces_token(engine: TorchEngine,
+                                       chat_ids: Callable[..., list[int]]) -> None:
+    tokens, _ = await collect(engine, "bias", chat_ids(), SamplingOptions(
+        **GREEDY, max_new_tokens=3, ignore_eos=True, logit_bias={42: 100.0}))
+    assert tokens == [42, 42, 42]
+
+
 async def test_seeded_sampling_reproducible(engine: TorchEngine,
                                             chat_ids: Callable[..., list[int]]) -> None:
     options = SamplingOptions(temperature=0.9, top_p=0.9, top_k=40, min_p=0.02,

@@ -126,6 +126,8 @@ async def test_abort_rpc(stub: pb_grpc.SglangSchedulerStub,
     ("sampling_params.n", {"n": 2}, {}),
     ("sampling_params.json_schema", {"json_schema": "{}"}, {}),
     ("sampling_params.regex", {"regex": "a+"}, {}),
+    ("sampling_params.top_k", {"top_k": -5}, {}),
+    ("sampling_params.logit_bias", {"logit_bias": {"x": 1.0}}, {}),
     ("tokenized.input_ids", {}, {"empty": True}),
     ("tokenized.input_ids", {}, {"long": True}),
 ])
@@ -135,7 +137,10 @@ async def test_invalid_arguments(stub: pb_grpc.SglangSchedulerStub,
     ids = [] if top.get("empty") else [1] * 9000 if top.get("long") else chat_ids()
     req = request(ids, "bad", stream=True)
     for key, value in sampling.items():
-        setattr(req.sampling_params, key, value)
+        if isinstance(value, dict):
+            getattr(req.sampling_params, key).update(value)
+        else:
+            setattr(req.sampling_params, key, value)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in stub.Generate(req):
             pass
