@@ -89,6 +89,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             if isinstance(exc, ServiceError):
                 await context.abort_with_status(exc.to_status())
+            if isinstance(exc, NotImplementedError):
+                # The generated servicer base class raises this for RPCs a service leaves out.
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
             if isinstance(exc, grpc.aio.AioRpcError):
                 # An upstream call failed: relay its code, message and ErrorInfo unchanged.
                 trailers = tuple(

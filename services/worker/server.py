@@ -369,33 +369,6 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
                                                sha256=digest if last else "")
 
 
-def _unimplemented(name: str, streaming: bool) -> Any:
-    """A handler that answers UNIMPLEMENTED with an ErrorInfo (the generated default raises
-    NotImplementedError, which the shared interceptor would report as INTERNAL)."""
-
-    def error() -> ServiceError:
-        return ServiceError(ErrorCode.UNIMPLEMENTED, "UNIMPLEMENTED",
-                            f"{name} is {UNSUPPORTED}", {"method": name})
-
-    if streaming:
-        async def stream_handler(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            raise error()
-            yield  # pragma: no cover - makes this an async generator
-
-        return stream_handler
-
-    async def unary_handler(self: Any, request: Any, context: Any) -> Any:
-        raise error()
-
-    return unary_handler
-
-
-for _method in pb.DESCRIPTOR.services_by_name["SglangScheduler"].methods:
-    if _method.name not in WorkerServicer.__dict__:
-        setattr(WorkerServicer, _method.name,
-                _unimplemented(_method.name, _method.server_streaming))
-
-
 # -------------------------------------------------------------------- process main
 
 
