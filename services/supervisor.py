@@ -101,12 +101,17 @@ class Suite:
         # environment is passed on unchanged.
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.ports: dict[str, int] = {}
+        self.metrics_ports: dict[str, int] = {}
 
     def say(self, message: str) -> None:
         print(message, file=self.out, flush=True)  # type: ignore[call-overload]
 
     def _service(self, name: str, port: int, *args: str, host: str = "127.0.0.1") -> Child:
         common = ["--host", host, "--port", str(port), "--log-level", self.config.log_level]
+        if name != "gateway":  # the gateway serves /metrics on its own port
+            metrics_port = free_port()
+            common += ["--metrics-port", str(metrics_port)]
+            self.metrics_ports[f"{name}-{port}" if name == "worker" else name] = metrics_port
         if self.config.trace_file:
             common += ["--trace-file", self.config.trace_file]
         label = name if name != "worker" else f"worker-{port}"
@@ -182,6 +187,9 @@ class Suite:
                     if client.get(f"{url}/health", timeout=2).status_code == 200:
                         self.say(f"sglmesh is up in {time.monotonic() - started:.1f}s: {url}/v1 "
                                  f"(logs in {cfg.log_dir})")
+                        metrics = ", ".join(f"{name} :{port}"
+                                            for name, port in self.metrics_ports.items())
+                        self.say(f"metrics: gateway {url}/metrics, {metrics}")
                         return url
                 except httpx.HTTPError:
                     pass

@@ -75,6 +75,25 @@ def test_greedy_answer_non_stream(client: openai.OpenAI) -> None:
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+def test_usage_counts_match_the_tokenizer(client: openai.OpenAI, suite: Suite) -> None:
+    from google.protobuf import struct_pb2
+    from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
+    from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc as tok_grpc
+
+    reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
+    with grpc.insecure_channel(f"127.0.0.1:{suite.ports['tokenizer']}",
+                               options=CHANNEL_OPTIONS) as channel:
+        stub = tok_grpc.TokenizerServiceStub(channel)
+        message = struct_pb2.Struct()
+        message.update(FRANCE[0])
+        prompt = stub.RenderChat(tok_pb.RenderChatRequest(model=MODEL, messages=[message]))
+        answer = stub.Tokenize(tok_pb.TokenizeRequest(
+            model=MODEL, texts=[reply.choices[0].message.content]))
+    assert reply.usage.prompt_tokens == len(prompt.token_ids)
+    # The answer's tokens plus the end-of-turn token that stopped it.
+    assert reply.usage.completion_tokens == answer.total_tokens + 1
+
+
 def test_stream_equals_non_stream(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Name three colors."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
@@ -207,8 +226,13 @@ def test_one_request_is_one_trace(client: openai.OpenAI, suite: Suite) -> None:
             "sglmesh-worker"} <= services
 
 
-def test_health_and_metrics(base_url: str) -> None:
+def test_health_and_metrics(base_url: str, suite: Suite) -> None:
     health = httpx.get(f"{base_url}/health", trust_env=False).json()
     assert health["status"] == "ok"
     metrics = httpx.get(f"{base_url}/metrics", trust_env=False).text
-    assert "sglmesh_gateway_requests_total" in metrics
+    assert 'sglmesh_gateway_requests_total{route="/v1/chat/completions",status="200"}' in metrics
+    assert set(suite.metrics_ports) >= {"history", "router", "tokenizer"}
+    for name, port in suite.metrics_ports.items():
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+        if name != "history":  # history is not on the chat path yet
+            assert "sglmesh_grpc_server_requests_total{" in text, name
