@@ -9,8 +9,10 @@ from datetime import timedelta
 
 from services.common.grpc_server import GrpcServer, wait_for_shutdown
 from services.common.service import main_for
+from services.history import metrics
 from services.history.config import HistoryConfig
 from services.history.domain import HistoryError, utcnow
+from services.history.health import DatabaseProbe
 from services.history.repository import HistoryRepository
 from services.history.server import SERVICE_NAME, HistoryServicer, add_to_server
 
@@ -38,6 +40,7 @@ async def migrate_until_ready(repo: HistoryRepository, servicer: HistoryServicer
             delay = min(delay * 2, max_delay)
     servicer.ready = True
     await server.set_serving(True)
+    metrics.DATABASE_UP.set(1)
     log.info("history database %s ready", _redact(repo.url))
 
 
@@ -59,12 +62,25 @@ async def purge_forever(repo: HistoryRepository, servicer: HistoryServicer,
 
 async def serve(config: HistoryConfig) -> None:
     repo = HistoryRepository(config.history_db, pool_size=config.pool_size,
-                             op_timeout=config.op_timeout)
-    servicer = HistoryServicer(repo)
+                             op_timeout=config.op_timeout, max_item_bytes=config.max_item_bytes)
     server = GrpcServer(config)
+
+    async def database_changed(up: bool) -> None:
+        metrics.DATABASE_UP.set(1 if up else 0)
+        await server.set_serving(up)
+
+    probe = DatabaseProbe(repo.ping, database_changed, config.probe_interval)
+    servicer = HistoryServicer(repo, on_unavailable=probe.poke)
     server.add_service(add_to_server, servicer, SERVICE_NAME)
+    metrics.DATABASE_UP.set(0)
+    metrics.watch_pool(repo.pool_in_use, config.pool_size)
     await server.start()
-    tasks = [asyncio.create_task(migrate_until_ready(repo, servicer, server))]
+
+    async def start_up() -> None:
+        await migrate_until_ready(repo, servicer, server)
+        await probe.run()
+
+    tasks = [asyncio.create_task(start_up())]
     if config.response_max_age > 0:
         tasks.append(asyncio.create_task(purge_forever(repo, servicer, config.response_max_age)))
     try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from services.common.config import ServiceConfig, option
+from services.history.domain import DEFAULT_MAX_ITEM_BYTES
 
 DEFAULT_DB = "sqlite+aiosqlite:///sglmesh-history.db"
 
@@ -25,6 +26,13 @@ class HistoryConfig(ServiceConfig):
     op_timeout: float = option(
         5.0, help="Seconds one database operation may take before failing as UNAVAILABLE."
     )
+    max_item_bytes: int = option(
+        DEFAULT_MAX_ITEM_BYTES,
+        help="Largest item accepted, in bytes of its JSON; bigger ones are INVALID_ARGUMENT.",
+    )
+    probe_interval: float = option(
+        2.0, help="Seconds between database health probes (grpc.health follows them)."
+    )
     response_max_age: float = option(
         0.0, help="Delete stored responses older than this many seconds (0 keeps them forever)."
     )
@@ -37,5 +45,9 @@ class HistoryConfig(ServiceConfig):
             raise ValueError(f"--pool-size must be >= 1, got {self.pool_size}")
         if self.op_timeout <= 0:
             raise ValueError(f"--op-timeout must be > 0, got {self.op_timeout}")
+        if self.max_item_bytes < 1:
+            raise ValueError(f"--max-item-bytes must be >= 1, got {self.max_item_bytes}")
+        if self.probe_interval <= 0:
+            raise ValueError(f"--probe-interval must be > 0, got {self.probe_interval}")
         if self.response_max_age < 0:
             raise ValueError(f"--response-max-age must be >= 0, got {self.response_max_age}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import json
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +20,10 @@ DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 MAX_ID_LENGTH = 128
 MAX_CHAIN_DEPTH = 10_000
+MAX_PAGE_TOKEN_LENGTH = MAX_ID_LENGTH
+DEFAULT_MAX_ITEM_BYTES = 1024 * 1024
+MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
+_ITEM_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 T = TypeVar("T")
 
@@ -182,30 +188,116 @@ def require(value: str, field_name: str) -> str:
     return value
 
 
-def normalize_item(item: Item, field_name: str) -> Item:
-    """Fills id, type, role and status from ``data`` (and back), assigning an id when missing."""
+def validate_page_token(page_token: str) -> str:
+    """A page token is an id this service handed out: printable and bounded."""
+    if len(page_token) > MAX_PAGE_TOKEN_LENGTH:
+        raise InvalidInput("page_token", f"page_token is longer than {MAX_PAGE_TOKEN_LENGTH} "
+                                         "characters; pass a next_page_token or an item id")
+    if page_token and not page_token.isprintable():
+        raise InvalidInput("page_token", "page_token has non-printable characters")
+    return page_token
+
+
+def item_size(data: Mapping[str, Any]) -> int:
+    """Bytes of the item's JSON (UTF-8, compact), the unit of ``--max-item-bytes``."""
+    return len(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _check_same(field_name: str, given: str, in_data: Any) -> None:
+    if given and in_data not in (None, "") and str(in_data) != given:
+        raise InvalidInput(field_name, f"{field_name} is {given!r} but the item data says "
+                                       f"{str(in_data)[:64]!r}")
+
+
+def _check_message(data: Mapping[str, Any], role: str, field_name: str) -> None:
+    if not role:
+        raise InvalidInput(f"{field_name}.role", f"{field_name}.role is required for a message")
+    if role not in MESSAGE_ROLES:
+        raise InvalidInput(f"{field_name}.role", f"{field_name}.role {role[:32]!r} is not one "
+                                                 f"of {sorted(MESSAGE_ROLES)}")
+    content = data.get("content")
+    where = f"{field_name}.data.content"
+    if content is None:
+        raise InvalidInput(where, f"{where} is required for a message")
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidInput(where, f"{where} must be a string or a list of content parts")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str) \
+                or not part["type"]:
+            raise InvalidInput(f"{where}[{j}]",
+                               f"{where}[{j}] must be an object with a string 'type'")
+
+
+def _check_string_fields(data: Mapping[str, Any], field_name: str, *names: str,
+                         required: tuple[str, ...] = ()) -> None:
+    for name in names:
+        value = data.get(name)
+        if value is None and name not in required:
+            continue
+        if not isinstance(value, str) or (name in required and not value):
+            raise InvalidInput(f"{field_name}.data.{name}",
+                               f"{field_name}.data.{name} must be a non-empty string")
+
+
+def normalize_item(item: Item, field_name: str,
+                   max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> Item:
+    """Validates an item and fills id, type, role and status from ``data`` (and back),
+    assigning an id when missing. Raises :class:`InvalidInput` naming the field."""
     data = dict(item.data or {})
+    if not (item.id or item.type or item.role or item.status or data):
+        raise InvalidInput(field_name, f"{field_name} is empty; an item needs a type and data")
+    for name, given in (("id", item.id), ("type", item.type), ("role", item.role),
+                        ("status", item.status)):
+        if name in data and data[name] is not None and not isinstance(data[name], str):
+            raise InvalidInput(f"{field_name}.data.{name}",
+                               f"{field_name}.data.{name} must be a string")
+        _check_same(f"{field_name}.{name}", given, data.get(name))
     item_type = item.type or str(data.get("type") or "message")
+    if not _ITEM_TYPE.fullmatch(item_type):
+        raise InvalidInput(f"{field_name}.type",
+                           f"{field_name}.type {item_type[:64]!r} is not an item type "
+                           "(lower-case letters, digits and '_', at most 64)")
     item_id = item.id or str(data.get("id") or "")
     if not item_id:
         item_id = new_id(ITEM_ID_PREFIXES.get(item_type, "item"))
     if len(item_id) > MAX_ID_LENGTH:
         raise InvalidInput(f"{field_name}.id", f"{field_name}.id is longer than {MAX_ID_LENGTH}")
-    if len(item_type) > 64:
-        raise InvalidInput(f"{field_name}.type", f"{field_name}.type is longer than 64")
+    if not item_id.isprintable() or " " in item_id:
+        raise InvalidInput(f"{field_name}.id", f"{field_name}.id has spaces or control "
+                                               "characters")
     role = item.role or str(data.get("role") or "")
     status = item.status or str(data.get("status") or "")
-    if len(role) > 32 or len(status) > 32:
-        raise InvalidInput(field_name, f"{field_name}.role and .status are at most 32 characters")
+    if len(role) > 32:
+        raise InvalidInput(f"{field_name}.role", f"{field_name}.role is longer than 32")
+    if len(status) > 32:
+        raise InvalidInput(f"{field_name}.status", f"{field_name}.status is longer than 32")
+    if item_type == "message":
+        _check_message(data, role, field_name)
+    elif item_type == "function_call":
+        _check_string_fields(data, field_name, "name", "arguments", "call_id",
+                             required=("name",))
+    elif item_type == "function_call_output":
+        _check_string_fields(data, field_name, "call_id", required=("call_id",))
+        if "output" not in data:
+            raise InvalidInput(f"{field_name}.data.output",
+                               f"{field_name}.data.output is required")
     data["id"], data["type"] = item_id, item_type
     if role:
         data.setdefault("role", role)
     if status:
         data.setdefault("status", status)
+    size = item_size(data)
+    if size > max_bytes:
+        raise InvalidInput(f"{field_name}.data",
+                           f"{field_name} is {size} bytes of JSON; at most {max_bytes} "
+                           "(--max-item-bytes)")
     return Item(id=item_id, type=item_type, role=role, status=status, data=data)
 
 
-def normalize_items(items: list[Item], field_name: str, limit: int) -> list[Item]:
+def normalize_items(items: list[Item], field_name: str, limit: int,
+                    max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> list[Item]:
     if len(items) > limit:
         raise InvalidInput(field_name, f"{field_name} has {len(items)} entries; at most {limit}")
-    return [normalize_item(it, f"{field_name}[{i}]") for i, it in enumerate(items)]
+    return [normalize_item(it, f"{field_name}[{i}]", max_bytes) for i, it in enumerate(items)]

@@ -9,17 +9,21 @@ failures leave this module as :class:`StorageUnavailable`, missing or foreign ro
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import ColumnElement, Select, delete, func, literal_column, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.history import metrics
 from services.history.db import WRITE_OPTION, make_engine, run_migrations
 from services.history.domain import (
+    DEFAULT_MAX_ITEM_BYTES,
     MAX_CHAIN_DEPTH,
     MAX_ITEMS_PER_CALL,
     MAX_ITEMS_PER_RESPONSE,
@@ -41,6 +45,7 @@ from services.history.domain import (
     utcnow,
     validate_metadata,
     validate_page_size,
+    validate_page_token,
 )
 from services.history.models import (
     ConversationItemRow,
@@ -54,6 +59,7 @@ from services.history.models import (
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 Op = Callable[[AsyncSession], Awaitable[R]]
 
 KIND_CONVERSATION = "conversation"
@@ -72,6 +78,25 @@ def _conversation(row: ConversationRow) -> Conversation:
                         created_at=as_utc(row.created_at))
 
 
+def observed(method: F) -> F:
+    """Counts the operation by outcome and times it (validation failures included)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await method(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            metrics.record(name, time.perf_counter() - start, error)
+
+    return cast(F, wrapper)
+
+
 def _check_request_id(request_id: str) -> str:
     if len(request_id) > 256:
         raise InvalidInput("request_id", "request_id is longer than 256 characters")
@@ -81,9 +106,12 @@ def _check_request_id(request_id: str) -> str:
 class HistoryRepository:
     """Conversations, items and stored responses in one SQL database."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, op_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5, op_timeout: float = 5.0,
+                 max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> None:
         self.url = url
         self.op_timeout = op_timeout
+        self.max_item_bytes = max_item_bytes
+        self.pool_size = pool_size
         self.engine = make_engine(url, pool_size=pool_size, op_timeout=op_timeout)
         self._read = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write = async_sessionmaker(
@@ -99,16 +127,33 @@ class HistoryRepository:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    async def ping(self, timeout: float | None = None) -> None:
+        """One ``SELECT 1`` round trip; raises :class:`StorageUnavailable` when it fails."""
+        async def go() -> None:
+            async with self.engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+
+        await self._guard(go(), "ping", timeout)
+
+    def pool_in_use(self) -> int:
+        """Connections checked out of the pool right now."""
+        checkedout = getattr(self.engine.pool, "checkedout", None)
+        return int(checkedout()) if callable(checkedout) else 0
+
+    def _items(self, items: Sequence[Item], field_name: str, limit: int) -> list[Item]:
+        return normalize_items(list(items), field_name, limit, self.max_item_bytes)
+
     # ---- plumbing --------------------------------------------------------------------------
 
-    async def _guard(self, work: Awaitable[R], what: str) -> R:
+    async def _guard(self, work: Awaitable[R], what: str, timeout: float | None = None) -> R:
+        timeout = self.op_timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(work, self.op_timeout)
+            return await asyncio.wait_for(work, timeout)
         except HistoryError:
             raise
         except TimeoutError as exc:
             raise StorageUnavailable(
-                f"database operation {what} timed out after {self.op_timeout:g}s") from exc
+                f"database operation {what} timed out after {timeout:g}s") from exc
         except sa_exc.IntegrityError:
             raise
         except sa_exc.DataError as exc:
@@ -291,11 +336,12 @@ class HistoryRepository:
 
     # ---- conversations ---------------------------------------------------------------------
 
+    @observed
     async def create_conversation(self, tenant: str, metadata: dict[str, str] | None = None,
                                   items: Sequence[Item] = (), request_id: str = ""
                                   ) -> tuple[Conversation, list[Item]]:
         meta = validate_metadata(metadata)
-        new_items = normalize_items(list(items), "items", MAX_ITEMS_PER_CALL)
+        new_items = self._items(items, "items", MAX_ITEMS_PER_CALL)
         _check_request_id(request_id)
 
         async def op(s: AsyncSession) -> tuple[Conversation, list[Item]]:
@@ -316,6 +362,7 @@ class HistoryRepository:
 
         return await self._run(op, write=True, what="create_conversation")
 
+    @observed
     async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation:
         require(conversation_id, "conversation_id")
 
@@ -324,6 +371,7 @@ class HistoryRepository:
 
         return await self._run(op, write=False, what="get_conversation")
 
+    @observed
     async def update_conversation(self, tenant: str, conversation_id: str,
                                   metadata: dict[str, str]) -> Conversation:
         require(conversation_id, "conversation.id")
@@ -337,6 +385,7 @@ class HistoryRepository:
 
         return await self._run(op, write=True, what="update_conversation")
 
+    @observed
     async def delete_conversation(self, tenant: str, conversation_id: str) -> None:
         require(conversation_id, "conversation_id")
 
@@ -351,9 +400,11 @@ class HistoryRepository:
 
         await self._run(op, write=True, what="delete_conversation")
 
+    @observed
     async def list_conversations(self, tenant: str, page_size: int = 0,
                                  page_token: str = "") -> Page[Conversation]:
         size = validate_page_size(page_size)
+        validate_page_token(page_token)
 
         async def op(s: AsyncSession) -> Page[Conversation]:
             stmt = select(ConversationRow).where(ConversationRow.tenant == tenant)
@@ -374,11 +425,12 @@ class HistoryRepository:
 
     # ---- conversation items ----------------------------------------------------------------
 
+    @observed
     async def create_conversation_items(self, tenant: str, conversation_id: str,
                                         items: Sequence[Item], request_id: str = ""
                                         ) -> list[Item]:
         require(conversation_id, "conversation_id")
-        new_items = normalize_items(list(items), "items", MAX_ITEMS_PER_CALL)
+        new_items = self._items(items, "items", MAX_ITEMS_PER_CALL)
         if not new_items:
             raise InvalidInput("items", "items must not be empty")
         _check_request_id(request_id)
@@ -398,11 +450,13 @@ class HistoryRepository:
 
         return await self._run(op, write=True, what="create_conversation_items")
 
+    @observed
     async def list_conversation_items(self, tenant: str, conversation_id: str,
                                       page_size: int = 0, page_token: str = "",
                                       order: SortOrder = SortOrder.ASC) -> Page[Item]:
         require(conversation_id, "conversation_id")
         size = validate_page_size(page_size)
+        validate_page_token(page_token)
 
         async def op(s: AsyncSession) -> Page[Item]:
             row = await self._conversation_row(s, tenant, conversation_id)
@@ -412,6 +466,7 @@ class HistoryRepository:
 
         return await self._run(op, write=False, what="list_conversation_items")
 
+    @observed
     async def get_conversation_item(self, tenant: str, conversation_id: str,
                                     item_id: str) -> Item:
         require(conversation_id, "conversation_id")
@@ -429,6 +484,7 @@ class HistoryRepository:
 
         return await self._run(op, write=False, what="get_conversation_item")
 
+    @observed
     async def delete_conversation_item(self, tenant: str, conversation_id: str,
                                        item_id: str) -> Conversation:
         require(conversation_id, "conversation_id")
@@ -453,6 +509,7 @@ class HistoryRepository:
 
     # ---- responses -------------------------------------------------------------------------
 
+    @observed
     async def create_response(self, tenant: str, response: StoredResponse,
                               append_to_conversation: bool = False,
                               request_id: str = "") -> StoredResponse:
@@ -466,10 +523,10 @@ class HistoryRepository:
         elif append_to_conversation:
             raise InvalidInput("append_to_conversation",
                                "append_to_conversation needs response.conversation_id")
-        inputs = normalize_items(response.input_items, "response.input_items",
-                                 MAX_ITEMS_PER_RESPONSE)
-        outputs = normalize_items(response.output_items, "response.output_items",
-                                  MAX_ITEMS_PER_RESPONSE)
+        inputs = self._items(response.input_items, "response.input_items",
+                             MAX_ITEMS_PER_RESPONSE)
+        outputs = self._items(response.output_items, "response.output_items",
+                              MAX_ITEMS_PER_RESPONSE)
         _check_request_id(request_id)
 
         async def op(s: AsyncSession) -> StoredResponse:
@@ -515,6 +572,7 @@ class HistoryRepository:
             s.add(ResponseItemRow(response_pk=row.pk, kind=kind, position=position,
                                   item_pk=item.pk))
 
+    @observed
     async def get_response(self, tenant: str, response_id: str) -> StoredResponse:
         require(response_id, "response_id")
 
@@ -524,13 +582,14 @@ class HistoryRepository:
 
         return await self._run(op, write=False, what="get_response")
 
+    @observed
     async def update_response(self, tenant: str, response_id: str,
                               update: ResponseUpdate) -> StoredResponse:
         require(response_id, "response.id")
         meta = (validate_metadata(update.metadata, "response.metadata")
                 if update.metadata is not None else None)
-        outputs = (normalize_items(update.output_items, "response.output_items",
-                                   MAX_ITEMS_PER_RESPONSE)
+        outputs = (self._items(update.output_items, "response.output_items",
+                               MAX_ITEMS_PER_RESPONSE)
                    if update.output_items is not None else None)
         if update.status is not None and len(update.status) > 32:
             raise InvalidInput("response.status", "response.status is longer than 32")
@@ -577,6 +636,7 @@ class HistoryRepository:
         await s.flush()
         await self._drop_orphans(s, old)
 
+    @observed
     async def delete_response(self, tenant: str, response_id: str) -> None:
         require(response_id, "response_id")
 
@@ -593,11 +653,13 @@ class HistoryRepository:
         await s.execute(delete(ResponseRow).where(ResponseRow.pk.in_(pks)))
         await self._drop_orphans(s, item_pks)
 
+    @observed
     async def list_response_input_items(self, tenant: str, response_id: str,
                                         page_size: int = 0, page_token: str = "",
                                         order: SortOrder = SortOrder.ASC) -> Page[Item]:
         require(response_id, "response_id")
         size = validate_page_size(page_size)
+        validate_page_token(page_token)
 
         async def op(s: AsyncSession) -> Page[Item]:
             row = await self._response_row(s, tenant, response_id)
@@ -606,6 +668,7 @@ class HistoryRepository:
 
         return await self._run(op, write=False, what="list_response_input_items")
 
+    @observed
     async def get_response_chain(self, tenant: str, response_id: str,
                                  max_depth: int = 0) -> list[StoredResponse]:
         """The chain ending at ``response_id``, oldest first: one recursive query walks
@@ -638,6 +701,7 @@ class HistoryRepository:
 
     # ---- retention -------------------------------------------------------------------------
 
+    @observed
     async def purge_responses(self, older_than: datetime, batch: int = 500) -> int:
         """Deletes responses (and idempotency keys) created before ``older_than``."""
         total = 0

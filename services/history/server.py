@@ -43,6 +43,8 @@ def translated(
         try:
             return await method(self, request, context)
         except domain.HistoryError as exc:
+            if isinstance(exc, domain.StorageUnavailable):
+                self.on_unavailable()
             raise to_service_error(exc) from exc
 
     return wrapper
@@ -125,10 +127,13 @@ def mask_paths(mask: field_mask_pb2.FieldMask, allowed: set[str]) -> set[str]:
 class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
     """Maps each RPC onto :class:`HistoryRepository`."""
 
-    def __init__(self, repo: HistoryRepository) -> None:
+    def __init__(self, repo: HistoryRepository,
+                 on_unavailable: Callable[[], None] = lambda: None) -> None:
         self.repo = repo
         self.ready = False
         self.not_ready_reason = "database schema not migrated yet"
+        # Called when a request met an unreachable database (the health probe checks at once).
+        self.on_unavailable = on_unavailable
 
     def _check_ready(self) -> None:
         if not self.ready:

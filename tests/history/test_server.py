@@ -242,3 +242,83 @@ def test_migrate_command(db_file: Path) -> None:
                               timeout=60)
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text exposition (None when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+def test_item_limits_page_tokens_and_metrics(db_file: Path) -> None:
+    import urllib.request
+
+    metrics_port = free_port()
+    args = ["--history-db", f"sqlite+aiosqlite:///{db_file}", "--max-item-bytes", "4096",
+            "--metrics-port", str(metrics_port)]
+    with ServiceProcess("history", args, ready_timeout=60) as proc:
+        channel, stub = stub_for(proc)
+        try:
+            conv = stub.CreateConversation(pb.CreateConversationRequest(
+                tenant="t", items=[message("x" * 3000)]), timeout=10).conversation
+
+            def invalid(call, request) -> dict[str, str]:  # type: ignore[no-untyped-def]
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request, timeout=10)
+                info = error_details(err.value)
+                assert info.code is ErrorCode.INVALID_ARGUMENT, info
+                return {"field": info.metadata["field"], "message": info.message}
+
+            big = invalid(stub.CreateConversationItems, pb.CreateConversationItemsRequest(
+                tenant="t", conversation_id=conv.id, items=[message("ok"), message("x" * 5000)]))
+            assert big["field"] == "items[1].data" and "4096" in big["message"]
+            assert invalid(stub.CreateConversationItems, pb.CreateConversationItemsRequest(
+                tenant="t", conversation_id=conv.id, items=[pb.Item()]))["field"] == "items[0]"
+            assert invalid(stub.CreateConversation, pb.CreateConversationRequest(
+                tenant="t", items=[pb.Item(type="message", role="user")])
+            )["field"] == "items[0].data.content"
+            assert invalid(stub.CreateConversationItems, pb.CreateConversationItemsRequest(
+                tenant="t", conversation_id=conv.id, items=[]))["field"] == "items"
+            assert invalid(stub.CreateResponse, pb.CreateResponseRequest(
+                tenant="t", response=pb.StoredResponse(model="m", input_items=[
+                    pb.Item(type="function_call_output", data=struct({"output": "1"}))]))
+            )["field"] == "response.input_items[0].data.call_id"
+            for token in ("msg_unknown", "x" * 300, "msg_\x01"):
+                assert invalid(stub.ListConversationItems, pb.ListConversationItemsRequest(
+                    tenant="t", conversation_id=conv.id, page_token=token))["field"] == "page_token"
+            assert invalid(stub.ListConversations, pb.ListConversationsRequest(
+                tenant="t", page_token="conv_nope"))["field"] == "page_token"
+            # Nothing of the rejected writes was stored.
+            items = stub.ListConversationItems(pb.ListConversationItemsRequest(
+                tenant="t", conversation_id=conv.id), timeout=10).items
+            assert len(items) == 1
+            assert len(stub.ListConversations(pb.ListConversationsRequest(tenant="t"),
+                                              timeout=10).conversations) == 1
+            with pytest.raises(grpc.RpcError):
+                stub.GetConversation(pb.GetConversationRequest(tenant="t", conversation_id="c"),
+                                     timeout=10)
+
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+        finally:
+            channel.close()
+    ops = "sglmesh_history_operations_total"
+    assert _metric(text, ops, operation="create_conversation", outcome="ok") == 1
+    assert _metric(text, ops, operation="create_conversation", outcome="invalid_argument") == 1
+    assert _metric(text, ops, operation="create_conversation_items",
+                   outcome="invalid_argument") == 3
+    assert _metric(text, ops, operation="list_conversation_items",
+                   outcome="invalid_argument") == 3
+    assert _metric(text, ops, operation="get_conversation", outcome="not_found") == 1
+    assert _metric(text, "sglmesh_history_operation_duration_seconds_count",
+                   operation="list_conversation_items") == 4
+    assert _metric(text, "sglmesh_history_pool_connections_in_use") == 0
+    assert _metric(text, "sglmesh_history_pool_size") == 5
+    assert _metric(text, "sglmesh_history_database_up") == 1
