@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import uvicorn
 
 from services.common.config import parse_config
 from services.common.logs import setup_logging
 from services.common.telemetry import setup_tracing
-from services.gateway.config import GatewayConfig
+from services.gateway.config import GatewayConfig, expand_aliases
 from services.gateway.server import create_app
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(GatewayConfig, argv)
+    config = parse_config(GatewayConfig, expand_aliases(sys.argv[1:] if argv is None else argv))
     setup_logging(config.service_name, config.log_level, config.log_json, config.error_log)
     setup_tracing(config.service_name, config.trace_file, config.otlp_endpoint)
     uvicorn.run(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 from services.common.config import ServiceConfig, option
+
+# Short aliases the issue promises next to the generated SGLMESH_GATEWAY_* names.
+API_KEYS_ENV = "SGLMESH_API_KEYS"
 
 
 @dataclass
@@ -19,10 +23,22 @@ class GatewayConfig(ServiceConfig):
     tokenizer: str = option("127.0.0.1:30200", help="Tokenizer service address (host:port).")
     history: str = option("", help="History service address (host:port); empty: no history.")
     api_keys: list[str] = option(
-        [], help="Accepted API keys (Authorization: Bearer); empty: no authentication.")
+        [], help="Accepted API keys (Authorization: Bearer); each key is its own history tenant; "
+                 "empty: no authentication, one tenant. Also --api-key KEY (repeatable) and env "
+                 f"{API_KEYS_ENV} (comma-separated).")
     request_timeout_secs: float = option(600.0, help="Upper bound on one request's duration.")
-    max_request_bytes: int = option(16 * 1024 * 1024, help="Largest accepted request body.")
+    max_payload_size: int = option(16 * 1024 * 1024,
+                                   help="Largest accepted request body in bytes (413 above).")
+    max_request_bytes: int = option(0, help="Deprecated alias of --max-payload-size.")
     models_cache_secs: float = option(2.0, help="How long the router's model list is reused.")
+    history_timeout_secs: float = option(10.0, help="Deadline of one history call.")
+    tool_call_parser: str = option(
+        "", help="Tool-call parser the tokenizer applies when a request has tools "
+                 "(e.g. json, hermes, llama); empty: picked from the model name.")
+    reasoning_parser: str = option(
+        "", help="Reasoning parser (deepseek-r1, qwen3); empty: none. Its output is "
+                 "reasoning_content unless the request sets separate_reasoning=false.")
+    retry_after_secs: int = option(1, help="Retry-After sent with 429 and 503 answers.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,3 +48,34 @@ class GatewayConfig(ServiceConfig):
             raise ValueError("--tokenizer is required")
         if self.request_timeout_secs <= 0:
             raise ValueError("--request-timeout-secs must be positive")
+        if not self.api_keys and os.environ.get(API_KEYS_ENV):
+            self.api_keys = [k.strip() for k in os.environ[API_KEYS_ENV].split(",") if k.strip()]
+        if any(not key for key in self.api_keys):
+            raise ValueError("--api-keys must not contain empty keys")
+        if self.max_request_bytes:
+            self.max_payload_size = self.max_request_bytes
+        if self.max_payload_size <= 0:
+            raise ValueError("--max-payload-size must be positive")
+        if self.history_timeout_secs <= 0:
+            raise ValueError("--history-timeout-secs must be positive")
+
+
+def expand_aliases(argv: list[str]) -> list[str]:
+    """``--api-key K`` (repeatable) -> ``--api-keys K1 K2``; other flags unchanged."""
+    keys: list[str] = []
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--api-key" and i + 1 < len(argv):
+            keys.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--api-key="):
+            keys.append(arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+        i += 1
+    if keys:
+        out += ["--api-keys", *keys]
+    return out

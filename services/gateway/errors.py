@@ -28,6 +28,8 @@ _TYPES = {
 class OpenAIError(Exception):
     """An error the gateway answers with; ``param`` names the offending request field."""
 
+    retry_after = 1  # seconds; the gateway sets it from --retry-after-secs
+
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, type_: str | None = None) -> None:
         super().__init__(message)
@@ -44,7 +46,8 @@ class OpenAIError(Exception):
     def headers(self) -> dict[str, str]:
         # The SDKs retry 408/409/429/5xx; deterministic failures say so.
         if self.status in (429, 503):
-            return {"retry-after": "1"}
+            return {"retry-after": str(OpenAIError.retry_after),
+                    "retry-after-ms": str(OpenAIError.retry_after * 1000)}
         if 400 <= self.status < 500:
             return {"x-should-retry": "false"}
         return {}
@@ -73,4 +76,18 @@ def from_grpc(exc: grpc.aio.AioRpcError | grpc.RpcError, service: str) -> OpenAI
     code = _REASON_CODES.get(remote.reason, remote.reason.lower() or None)
     if remote.code is ErrorCode.CANCELLED:
         status = 499
+    if remote.code is ErrorCode.RESOURCE_EXHAUSTED and not code:
+        code = "rate_limit_exceeded"
+    if remote.code is ErrorCode.UNAVAILABLE and not code:
+        code = "service_unavailable"
     return OpenAIError(status, message, param=param, code=code)
+
+
+def from_history(exc: grpc.aio.AioRpcError | grpc.RpcError) -> OpenAIError:
+    """History failures: storage outages are 503 ``storage_unavailable`` (retryable)."""
+    error = from_grpc(exc, "history")
+    if error.status in (503, 504) or exc.code() in (  # type: ignore[union-attr]
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return OpenAIError(503, f"Conversation and response storage is unavailable: "
+                                f"{error.message}", code="storage_unavailable")
+    return error

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,8 +28,16 @@ from services.gateway.errors import OpenAIError, invalid
 from services.gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
 from services.gateway.serving_chat import ChatCompletionService, new_request_id
+from services.gateway.serving_conversations import ConversationService
+from services.gateway.storage import DEFAULT_TENANT, Storage, tenant_for_key
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# Other headers clients use for the same purpose, in order of preference.
+REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "x-correlation-id", "x-client-request-id", "request-id")
+# Routes open without an API key: probes, metrics and the schema.
+OPEN_PATHS = ("/health", "/liveness", "/readiness", "/metrics", "/openapi.json")
 
 
 def error_response(error: OpenAIError, request_id: str = "") -> JSONResponse:
@@ -56,20 +66,70 @@ def validation_error(exc: ValidationError) -> OpenAIError:
     return invalid(param, f"Invalid value for '{param}': {first['msg']}.")
 
 
-async def parse_body(request: Request, model: type[BaseModel], limit: int) -> Any:
-    body = await request.body()
-    if len(body) > limit:
-        raise OpenAIError(413, f"Request body is {len(body)} bytes; the limit is {limit}.")
+def too_large(size: int | str, limit: int) -> OpenAIError:
+    return OpenAIError(413, f"Request body is {size} bytes; the limit is {limit} "
+                            "(--max-payload-size).", code="payload_too_large")
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object body; 413 over ``limit`` (checked on content-length, then while reading)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large(declared, limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}", limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # later reads (and receive()) see the body as consumed
+    if not body:
+        return {}
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(None, f"We could not parse the JSON body of your request: {exc}.") from exc
     if not isinstance(data, dict):
         raise invalid(None, "The request body must be a JSON object.")
+    return data
+
+
+async def parse_body(request: Request, model: type[BaseModel], limit: int) -> Any:
+    data = await read_json(request, limit)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from exc
+
+
+async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Runs ``work`` unless the client goes away first; then it is cancelled (and with it the
+    gRPC calls it made: the router relays an Abort to the worker). Races ``receive()`` for
+    ``http.disconnect`` rather than polling, so it works under any middleware."""
+    task = asyncio.ensure_future(work)
+    receive = request.receive
+
+    async def disconnected() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if not task.done():
+        task.cancel()
+        watcher.cancel()
+        raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
+    watcher.cancel()
+    return task.result()
 
 
 class TelemetryMiddleware:
@@ -87,9 +147,11 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        request_id = dict(headers).get(REQUEST_ID_HEADER) or new_request_id()
+        by_name = dict(headers)
+        request_id = next((by_name[h] for h in REQUEST_ID_HEADERS if by_name.get(h)), "")
+        request_id = request_id[:200] or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
-        route = scope["path"] if scope["path"].startswith("/v1/") else scope["path"]
+        route = scope["path"]
         status_holder = {"status": 500}
         started = time.perf_counter()
 
@@ -110,12 +172,45 @@ class TelemetryMiddleware:
                 await self.app(scope, receive, send_wrapper)
             finally:
                 status = status_holder["status"]
+                matched = scope.get("route")
+                route = getattr(matched, "path", None) or "unmatched"
                 span.set_attribute("http.status_code", status)
+                span.set_attribute("http.route", route)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
                 if not route.startswith("/metrics"):
                     HTTP_REQUESTS.labels(route, str(status)).inc()
                     HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+
+
+class AuthMiddleware:
+    """Bearer API keys (pure ASGI); the key's hash is the request's history tenant."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
+        self.app = app
+        self.api_keys = set(api_keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["tenant"] = DEFAULT_TENANT
+        if self.api_keys and not scope["path"].startswith(OPEN_PATHS):
+            auth = ""
+            for k, v in scope["headers"]:
+                if k == b"authorization":
+                    auth = v.decode("latin-1")
+            key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if key not in self.api_keys:
+                error = OpenAIError(401, "Incorrect API key provided." if key
+                                    else "Missing API key (Authorization: Bearer KEY).",
+                                    code="invalid_api_key")
+                await error_response(error, str(state.get("request_id", "")))(
+                    scope, receive, send)
+                return
+            state["tenant"] = tenant_for_key(key)
+        await self.app(scope, receive, send)
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -124,32 +219,40 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backends = Backends(config)
+        storage = Storage(backends.history, config.history_timeout_secs)
         state["backends"] = backends
         state["chat"] = ChatCompletionService(backends)
+        state["conversations"] = ConversationService(storage)
         yield
         await backends.close()
 
-    app = FastAPI(title="sglmesh gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    OpenAIError.retry_after = config.retry_after_secs
+    app = FastAPI(title="sglmesh gateway", version="1", lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
+                  description="OpenAI-compatible HTTP API over the sglmesh gRPC services.")
+    # Outermost first: telemetry (request id, span) wraps authentication.
+    app.add_middleware(AuthMiddleware, api_keys=config.api_keys)
     app.add_middleware(TelemetryMiddleware)
+    max_payload = config.max_payload_size
 
     def request_id(request: Request) -> str:
         return str(request.scope.get("state", {}).get("request_id") or new_request_id())
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                           ) -> Response:
-        if config.api_keys and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            key = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if key not in config.api_keys:
-                return error_response(OpenAIError(
-                    401, "Incorrect API key provided." if key else "Missing API key.",
-                    code="invalid_api_key"), request_id(request))
-        return await call_next(request)
+    def tenant(request: Request) -> str:
+        return str(request.scope.get("state", {}).get("tenant") or DEFAULT_TENANT)
+
+    def idempotency_key(request: Request) -> str:
+        return request.headers.get("idempotency-key") or request_id(request)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
         return error_response(exc, request_id(request))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(OpenAIError(500, f"Internal error: {type(exc).__name__}: {exc}"),
+                              request_id(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -159,7 +262,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await parse_body(request, ChatCompletionRequest, config.max_request_bytes)
+        body = await parse_body(request, ChatCompletionRequest, max_payload)
         rid = request_id(request)
         if not rid.startswith("chatcmpl-"):
             rid = f"chatcmpl-{rid}"
@@ -168,8 +271,63 @@ def create_app(config: GatewayConfig) -> FastAPI:
             frames = await chat.stream(body, rid)
             return StreamingResponse(frames, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
-        result = await chat.complete(body, rid)
+        result = await until_disconnect(request, chat.complete(body, rid))
         return JSONResponse(result.model_dump(exclude_none=False))
+
+    # ---- conversations -----------------------------------------------------------------------
+
+    @app.post("/v1/conversations", tags=["conversations"])
+    async def create_conversation(request: Request) -> JSONResponse:
+        body = await read_json(request, max_payload)
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.create(tenant(request), body, idempotency_key(request)))
+
+    @app.get("/v1/conversations/{conversation_id}", tags=["conversations"])
+    async def get_conversation(request: Request, conversation_id: str) -> JSONResponse:
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.get(tenant(request), conversation_id, request_id(request)))
+
+    @app.post("/v1/conversations/{conversation_id}", tags=["conversations"])
+    async def update_conversation(request: Request, conversation_id: str) -> JSONResponse:
+        body = await read_json(request, max_payload)
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.update(tenant(request), conversation_id, body,
+                                              request_id(request)))
+
+    @app.delete("/v1/conversations/{conversation_id}", tags=["conversations"])
+    async def delete_conversation(request: Request, conversation_id: str) -> JSONResponse:
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.delete(tenant(request), conversation_id,
+                                              request_id(request)))
+
+    @app.post("/v1/conversations/{conversation_id}/items", tags=["conversations"])
+    async def create_conversation_items(request: Request, conversation_id: str) -> JSONResponse:
+        body = await read_json(request, max_payload)
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.create_items(tenant(request), conversation_id, body,
+                                                    idempotency_key(request)))
+
+    @app.get("/v1/conversations/{conversation_id}/items", tags=["conversations"])
+    async def list_conversation_items(request: Request, conversation_id: str,
+                                      after: str | None = None, limit: str | None = None,
+                                      order: str | None = None) -> JSONResponse:
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.list_items(tenant(request), conversation_id, after, limit,
+                                                  order, request_id(request)))
+
+    @app.get("/v1/conversations/{conversation_id}/items/{item_id}", tags=["conversations"])
+    async def get_conversation_item(request: Request, conversation_id: str,
+                                    item_id: str) -> JSONResponse:
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.get_item(tenant(request), conversation_id, item_id,
+                                                request_id(request)))
+
+    @app.delete("/v1/conversations/{conversation_id}/items/{item_id}", tags=["conversations"])
+    async def delete_conversation_item(request: Request, conversation_id: str,
+                                       item_id: str) -> JSONResponse:
+        conv: ConversationService = state["conversations"]
+        return JSONResponse(await conv.delete_item(tenant(request), conversation_id, item_id,
+                                                   request_id(request)))
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -182,6 +340,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def get_model(model_id: str) -> ModelCard:
         m = await state["backends"].model(model_id)
         return ModelCard(id=m.id, created=m.created, max_model_len=m.max_context_length or None)
+
+    @app.get("/liveness", tags=["probes"])
+    async def liveness() -> JSONResponse:
+        """200 while the process serves HTTP."""
+        return JSONResponse({"status": "ok"})
 
     @app.get("/health")
     async def health() -> JSONResponse:

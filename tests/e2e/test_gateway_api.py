@@ -1,0 +1,176 @@
+"""The gateway's OpenAI surface beyond chat, end to end: five real services, the real model,
+the openai SDK (and raw HTTP where the SDK hides the wire).
+
+Extra gateway processes (same router/tokenizer/history) cover what needs other flags: API keys
+as tenants, a dead history service, a gateway restart in the middle of a response chain.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from services.common.net import free_port
+from services.supervisor import Suite, SuiteConfig
+from tests.procs import ServiceProcess
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Iterator[Suite]:
+    tmp = tmp_path_factory.mktemp("gateway-suite")
+    config = SuiteConfig(port=free_port(), log_dir=tmp / "logs",
+                         history_db=f"sqlite+aiosqlite:///{tmp / 'history.db'}",
+                         startup_timeout=300)
+    suite = Suite(config, out=io.StringIO(),
+                  env={"SGLMESH_MODEL_CACHE": str(embedded_model_dir.parent)})
+    try:
+        suite.start()
+        yield suite
+    finally:
+        suite.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(suite: Suite) -> str:
+    return f"http://127.0.0.1:{suite.ports['gateway']}"
+
+
+def sdk(base_url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0,
+                         http_client=httpx.Client(trust_env=False, timeout=120))
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return sdk(base_url)
+
+
+@contextmanager
+def gateway(suite: Suite, *args: str, env: dict[str, str] | None = None,
+            history: str | None = None) -> Iterator[str]:
+    """Another gateway process in front of the suite's services."""
+    history = history if history is not None else f"127.0.0.1:{suite.ports['history']}"
+    proc = ServiceProcess("gateway", [
+        "--router", f"127.0.0.1:{suite.ports['router']}",
+        "--tokenizer", f"127.0.0.1:{suite.ports['tokenizer']}", "--history", history, *args],
+        env=env, wait_ready=False)
+    proc.start()
+    url = f"http://127.0.0.1:{proc.port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/liveness", trust_env=False, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.proc is not None and proc.proc.poll() is None, proc.logs()
+            assert time.monotonic() < deadline, proc.logs()
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.stop()
+
+
+# ---- conversations ---------------------------------------------------------------------------
+
+def test_conversation_crud(client: openai.OpenAI) -> None:
+    conv = client.conversations.create(
+        metadata={"topic": "demo"},
+        items=[{"type": "message", "role": "user", "content": "Hello!"}])
+    assert conv.id.startswith("conv_") and conv.object == "conversation"
+    assert conv.metadata == {"topic": "demo"} and conv.created_at > 1_600_000_000
+
+    assert client.conversations.retrieve(conv.id).id == conv.id
+    updated = client.conversations.update(conv.id, metadata={"topic": "changed"})
+    assert updated.metadata == {"topic": "changed"}
+
+    added = client.conversations.items.create(conv.id, items=[
+        {"type": "message", "role": "assistant", "content": "Hi there."},
+        {"role": "user", "content": "How are you?"}])
+    assert [i.role for i in added.data] == ["assistant", "user"]
+    assert added.first_id == added.data[0].id and added.last_id == added.data[-1].id
+
+    # OpenAI's default order is newest first.
+    page = client.conversations.items.list(conv.id)
+    assert [i.content[0].text for i in page.data] == ["How are you?", "Hi there.", "Hello!"]
+    assert page.data[0].content[0].type == "input_text"
+    assert page.data[1].content[0].type == "output_text"
+    assert page.has_more is False
+
+    first = client.conversations.items.list(conv.id, order="asc", limit=2)
+    assert first.has_more is True and len(first.data) == 2
+    rest = client.conversations.items.list(conv.id, order="asc", limit=2, after=first.last_id)
+    assert [i.content[0].text for i in rest.data] == ["How are you?"]
+    assert rest.has_more is False
+    # The SDK's auto-pagination walks the same pages.
+    assert len(list(client.conversations.items.list(conv.id, limit=1))) == 3
+
+    item = client.conversations.items.retrieve(first.data[0].id, conversation_id=conv.id)
+    assert item.id == first.data[0].id and item.content[0].text == "Hello!"
+    after_delete = client.conversations.items.delete(item.id, conversation_id=conv.id)
+    assert after_delete.id == conv.id
+    assert len(client.conversations.items.list(conv.id).data) == 2
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.retrieve(item.id, conversation_id=conv.id)
+
+    deleted = client.conversations.delete(conv.id)
+    assert deleted.deleted is True and deleted.id == conv.id
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conv.id)
+
+
+def test_conversation_errors(base_url: str, client: openai.OpenAI) -> None:
+    conv = client.conversations.create()
+    cases = [
+        ("post", f"/v1/conversations/{conv.id}/items", {"items": [{"role": "robot",
+                                                                    "content": "x"}]},
+         400, "items[0].role"),
+        ("post", f"/v1/conversations/{conv.id}/items", {}, 400, "items"),
+        ("get", f"/v1/conversations/{conv.id}/items?limit=500", None, 400, "limit"),
+        ("get", f"/v1/conversations/{conv.id}/items?order=up", None, 400, "order"),
+        ("post", "/v1/conversations", {"metadata": {"k": 1}}, 400, "metadata"),
+        ("get", "/v1/conversations/conv_missing", None, 404, None),
+    ]
+    for method, path, body, status, param in cases:
+        reply = httpx.request(method, f"{base_url}{path}", json=body, trust_env=False)
+        assert reply.status_code == status, (path, reply.text)
+        error = reply.json()["error"]
+        assert error["message"] and error["type"]
+        if param:
+            assert error["param"] == param, (path, error)
+
+
+def test_api_keys_are_tenants(suite: Suite) -> None:
+    # The short env alias; each key sees only its own conversations.
+    with gateway(suite, env={"SGLMESH_API_KEYS": "key-a, key-b"}) as url:
+        a, b = sdk(url, "key-a"), sdk(url, "key-b")
+        conv = a.conversations.create(metadata={"owner": "a"})
+        assert a.conversations.retrieve(conv.id).metadata == {"owner": "a"}
+        with pytest.raises(openai.NotFoundError):
+            b.conversations.retrieve(conv.id)
+        with pytest.raises(openai.AuthenticationError):
+            sdk(url, "key-c").conversations.retrieve(conv.id)
+        reply = httpx.get(f"{url}/v1/models", trust_env=False)
+        assert reply.status_code == 401
+        assert reply.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/liveness", trust_env=False).status_code == 200
+
+
+def test_storage_unavailable_is_503_with_retry_after(suite: Suite) -> None:
+    with gateway(suite, "--history-timeout-secs", "2", history=f"127.0.0.1:{free_port()}") as url:
+        reply = httpx.post(f"{url}/v1/conversations", json={}, trust_env=False, timeout=30)
+        assert reply.status_code == 503
+        assert reply.headers["retry-after"] == "1"
+        assert reply.json()["error"]["code"] == "storage_unavailable"
+        with pytest.raises(openai.InternalServerError):
+            sdk(url).conversations.create()
