@@ -1,0 +1,336 @@
+"""Tool-call parsers on realistic model outputs, fed whole and in every chunking."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.tokenizer.tool_parsers import (
+    TOOL_PARSERS,
+    ToolParser,
+    create_tool_parser,
+    detect_tool_parser,
+    parse_tool_calls,
+)
+
+TOOLS = ["get_weather", "get_time", "search"]
+
+
+def make(name: str, tools: list[str] | None = TOOLS) -> ToolParser:
+    counter = itertools.count()
+    return create_tool_parser(name, tools, id_factory=lambda: f"call_{next(counter)}")
+
+
+def stream(name: str, pieces: list[str], tools: list[str] | None = TOOLS
+           ) -> tuple[str, list[dict[str, str]]]:
+    """Feeds pieces; checks OpenAI's delta rules; returns (content, calls) from the deltas."""
+    parser = make(name, tools)
+    content = ""
+    calls: list[dict[str, str]] = []
+    results = [parser.push(p) for p in pieces] + [parser.flush()]
+    for result in results:
+        content += result.text
+        for delta in result.calls:
+            if delta.index == len(calls):  # the first delta of a call
+                assert delta.id and delta.name, delta
+                calls.append({"id": delta.id, "name": delta.name, "arguments": delta.arguments})
+            else:
+                assert delta.index == len(calls) - 1, "deltas go to the newest call only"
+                assert not delta.id and not delta.name, "id/name only on the first delta"
+                assert delta.arguments, "no empty fragments"
+                calls[delta.index]["arguments"] += delta.arguments
+    # the parser's own record agrees with what was streamed
+    assert [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in parser.calls] == calls
+    return content, calls
+
+
+def chunkings(text: str) -> list[list[str]]:
+    rnd = random.Random(len(text))
+    out = [[text], list(text), [text[i:i + 2] for i in range(0, len(text), 2)],
+           [text[i:i + 5] for i in range(0, len(text), 5)]]
+    for _ in range(3 if len(text) > 2 else 0):
+        cuts = sorted(rnd.sample(range(1, len(text)), min(6, len(text) - 1)))
+        out.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)])
+    return out
+
+
+def check(name: str, text: str, want_content: str, want_calls: list[tuple[str, dict]],
+          tools: list[str] | None = TOOLS) -> None:
+    whole_content, whole_calls = parse_tool_calls(name, text, tools)
+    for pieces in chunkings(text):
+        content, calls = stream(name, pieces, tools)
+        assert content == whole_content == want_content, pieces
+        assert [(c["name"], c["arguments"]) for c in calls] == \
+            [(c.name, c.arguments) for c in whole_calls]
+    assert [(c.name, json.loads(c.arguments)) for c in whole_calls] == want_calls
+
+
+WEATHER = ("get_weather", {"city": "Paris", "unit": "celsius"})
+TIME = ("get_time", {"timezone": "Europe/Paris"})
+
+
+# -- hermes / qwen ---------------------------------------------------------------------------
+
+
+def test_hermes_qwen25_two_calls() -> None:
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
+            '"arguments": {"timezone": "Europe/Paris"}}\n</tool_call>')
+    check("hermes", text, "", [WEATHER, TIME])
+    _, calls = parse_tool_calls("qwen", text, TOOLS)
+    assert calls[0].arguments == '{"city": "Paris", "unit": "celsius"}'  # the model's own JSON
+
+
+def test_hermes_content_before_and_after() -> None:
+    text = ('Let me check the weather for you.\n\n<tool_call>\n{"name": "get_weather", '
+            '"arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n')
+    check("qwen25", text, "Let me check the weather for you.\n\n", [WEATHER])
+
+
+def test_hermes_plain_answer_and_lookalikes() -> None:
+    check("hermes", "The weather in Paris is 18°C. Use <tool to see more.",
+          "The weather in Paris is 18°C. Use <tool to see more.", [])
+    check("hermes", "", "", [])
+
+
+def test_hermes_unicode_escapes_and_nested_args() -> None:
+    args = {"query": "café \"quoted\" } ] {", "filters": {"lang": ["fr", "en"], "n": 3,
+                                                         "exact": True, "x": None}}
+    text = ('<tool_call>\n{"name": "search", "arguments": ' + json.dumps(args, ensure_ascii=False)
+            + "}\n</tool_call>")
+    check("hermes", text, "", [("search", args)])
+
+
+def test_hermes_missing_close_tag_at_eos() -> None:
+    text = '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}'
+    check("qwen3", text, "", [TIME])
+
+
+def test_hermes_name_after_arguments_and_string_arguments() -> None:
+    text = '<tool_call>{"arguments": {"timezone": "Europe/Paris"}, "name": "get_time"}</tool_call>'
+    check("hermes", text, "", [TIME])
+    text = ('<tool_call>{"name": "get_time", "arguments": "{\\"timezone\\": '
+            '\\"Europe/Paris\\"}"}</tool_call>')
+    check("hermes", text, "", [TIME])
+    check("hermes", '<tool_call>{"name": "get_time"}</tool_call>', "", [("get_time", {})])
+
+
+@pytest.mark.parametrize("text", [
+    "<tool_call>\nthis is not json\n</tool_call> after",
+    '<tool_call>{"arguments": {"a": 1}}</tool_call>',  # no name
+    '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',  # not a declared tool
+    '<tool_call>{"name": "", "arguments": {}}</tool_call>',
+    '<tool_call>{"name": "get_t',  # cut off before the name completes
+])
+def test_hermes_fallback_keeps_text(text: str) -> None:
+    check("hermes", text, text, [])
+
+
+def test_hermes_fallback_after_a_committed_call() -> None:
+    good = '<tool_call>{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}</tool_call>'
+    check("hermes", good + "\n<tool_call>oops</tool_call>", "\n<tool_call>oops</tool_call>",
+          [TIME])
+    # broken inside the arguments, after the call went out: the rest is content
+    text = '<tool_call>{"name": "get_time", "arguments": {"a": 1]}</tool_call>'
+    for pieces in chunkings(text):
+        content, calls = stream("hermes", pieces)
+        assert content == "]}</tool_call>"
+        assert [(c["name"], c["arguments"]) for c in calls] == [("get_time", '{"a": 1')]
+    # cut off inside the arguments: the call keeps what came, nothing is invented
+    content, calls = parse_tool_calls("hermes", '<tool_call>{"name": "search", '
+                                      '"arguments": {"query": "par', TOOLS)
+    assert content == "" and calls[0].arguments == '{"query": "par'
+
+
+def test_unknown_names_allowed_without_tools() -> None:
+    check("hermes", '<tool_call>{"name": "anything", "arguments": {}}</tool_call>', "",
+          [("anything", {})], tools=None)
+
+
+# -- json --------------------------------------------------------------------------------------
+
+
+def test_json_list_and_object() -> None:
+    text = ('[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}, '
+            '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}]')
+    check("json", text, "", [WEATHER, TIME])
+    check("json", '  {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}',
+          "", [TIME])
+
+
+def test_json_not_a_call_is_content() -> None:
+    for text in ['{"answer": 42}', "Hello there", "[1, 2, 3]", '{"name": "get_time", "argu',
+                 "[]"]:
+        check("json", text, text, [])
+
+
+# -- llama3 ------------------------------------------------------------------------------------
+
+
+def test_llama3_python_tag_and_bare_json() -> None:
+    text = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", '
+            '"unit": "celsius"}}')
+    check("llama3", text, "", [WEATHER])
+    text = ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+            '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}')
+    check("llama", text, "", [WEATHER, TIME])
+
+
+def test_llama3_text_then_tag_and_code_fallback() -> None:
+    text = ('I will look that up.<|python_tag|>{"name": "get_time", "parameters": '
+            '{"timezone": "Europe/Paris"}}')
+    check("llama3", text, "I will look that up.", [TIME])
+    code = '<|python_tag|>brave_search.call(query="paris")'
+    check("llama3", code, code, [])
+    check("llama3", "Paris is in France.", "Paris is in France.", [])
+
+
+# -- mistral -----------------------------------------------------------------------------------
+
+
+def test_mistral_v3_list() -> None:
+    text = ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"unit": "celsius"}}, {"name": "get_time", "arguments": {"timezone": '
+            '"Europe/Paris"}}]')
+    check("mistral", text, "", [WEATHER, TIME])
+
+
+def test_mistral_v11_name_args() -> None:
+    text = ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
+            '[TOOL_CALLS]get_time[ARGS]{"timezone": "Europe/Paris"}')
+    check("mistral", text, "", [WEATHER, TIME])
+
+
+def test_mistral_plain_and_broken() -> None:
+    check("mistral", "No tools needed: 2 + 2 = 4.", "No tools needed: 2 + 2 = 4.", [])
+    check("mistral", "[TOOL_CALLS] not a list", "[TOOL_CALLS] not a list", [])
+    check("mistral", "[TOOL_CALLS]get weather[ARGS]{}", "[TOOL_CALLS]get weather[ARGS]{}", [])
+
+
+# -- pythonic ----------------------------------------------------------------------------------
+
+
+def test_pythonic_llama4() -> None:
+    text = ('[get_weather(city="Paris", unit=\'celsius\'), '
+            'get_time(timezone="Europe/Paris")]')
+    check("pythonic", text, "", [WEATHER, TIME])
+    text = ('<|python_start|>[search(query="a, (b)", filters={"lang": ["fr"], "exact": True}, '
+            'limit=None)]<|python_end|>')
+    check("llama4", text, "",
+          [("search", {"query": "a, (b)", "filters": {"lang": ["fr"], "exact": True},
+                       "limit": None})])
+
+
+def test_pythonic_fallbacks() -> None:
+    for text in ["The list is [1, 2, 3].", "[1, 2, 3]", "[get_weather('Paris')]",
+                 "[get_weather(city=some_var)]", "[unknown_tool(a=1)]", "[get_weather(city="]:
+        check("pythonic", text, text, [])
+
+
+# -- deepseek / kimi ---------------------------------------------------------------------------
+
+
+def test_deepseek_v3() -> None:
+    text = ("Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"
+            'get_weather\n```json\n{"city": "Paris", "unit": "celsius"}\n```'
+            "<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
+            '{"timezone": "Europe/Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+    check("deepseekv3", text, "Let me check.", [WEATHER, TIME])
+    _, calls = parse_tool_calls("deepseekv3", text, TOOLS)
+    assert calls[0].arguments == '{"city": "Paris", "unit": "celsius"}'
+
+
+def test_deepseek_v31_and_kimi() -> None:
+    text = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>"
+            '{"timezone": "Europe/Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+    check("deepseekv31", text, "", [TIME])
+    text = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+            '<|tool_call_argument_begin|>{"city": "Paris", "unit": "celsius"}<|tool_call_end|>'
+            "<|tool_calls_section_end|>")
+    check("kimi_k2", text, "", [WEATHER])
+    assert parse_tool_calls("kimi_k2", text, TOOLS)[1][0].id == "functions.get_weather:0"
+
+
+def test_section_fallback() -> None:
+    text = "<｜tool▁calls▁begin｜>garbage here"
+    check("deepseekv31", text, text, [])
+    text = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>nope<｜tool▁sep｜>{}"
+            "<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
+    check("deepseekv31", text, text, [])
+
+
+# -- properties --------------------------------------------------------------------------------
+
+
+_args = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6)
+    | st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text("abcxyz_", min_size=1, max_size=5), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prefix=st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+       .filter(lambda t: "<" not in t),
+       calls=st.lists(st.tuples(st.sampled_from(TOOLS),
+                                st.dictionaries(st.text("abc_", min_size=1, max_size=4), _args,
+                                                max_size=3)), min_size=1, max_size=3),
+       seed=st.integers(0, 1000))
+def test_hermes_random_calls_any_chunking(prefix: str, calls: list[tuple[str, dict]],
+                                          seed: int) -> None:
+    text = prefix + "".join(
+        "<tool_call>\n" + json.dumps({"name": n, "arguments": a}, ensure_ascii=False)
+        + "\n</tool_call>\n" for n, a in calls)
+    rnd = random.Random(seed)
+    cuts = sorted(set(rnd.randrange(1, len(text)) for _ in range(rnd.randrange(1, 20))))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    content, streamed = stream("hermes", pieces)
+    assert content == prefix
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == calls
+
+
+def test_registry_and_detection() -> None:
+    for name in ["json", "hermes", "qwen", "qwen25", "llama3", "llama", "mistral", "pythonic",
+                 "deepseekv3", "deepseekv31", "kimi_k2"]:
+        assert name in TOOL_PARSERS
+    assert detect_tool_parser("Qwen/Qwen2.5-7B-Instruct") == "hermes"
+    assert detect_tool_parser("meta-llama/Llama-3.1-8B-Instruct") == "llama3"
+    assert detect_tool_parser("meta-llama/Llama-4-Scout-17B-16E") == "pythonic"
+    assert detect_tool_parser("mistralai/Mistral-7B-Instruct-v0.3") == "mistral"
+    assert detect_tool_parser("deepseek-ai/DeepSeek-V3.1") == "deepseekv31"
+    assert detect_tool_parser("SmolLM2-135M-Instruct") == ""
+    with pytest.raises(KeyError):
+        create_tool_parser("nope")
+
+
+_FRAGMENTS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]",
+              "<|python_start|>", "<|python_end|>", "<｜tool▁calls▁begin｜>",
+              "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "```json",
+              '{"name": "get_time", ', '"arguments": ', '{"a": [1, "x"]}', "}", "]", "[",
+              "get_time(", "a=1", ")", ",", ";", " ", "\n", "text", '"', "\\", "é"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(parts=st.lists(st.sampled_from(_FRAGMENTS), max_size=14), seed=st.integers(0, 10**6))
+@pytest.mark.parametrize("name", ["json", "hermes", "llama3", "mistral", "pythonic",
+                                  "deepseekv3", "deepseekv31", "kimi_k2"])
+def test_any_text_streams_like_whole(name: str, parts: list[str], seed: int) -> None:
+    """Arbitrary text: chunking never changes the result, and no text is lost."""
+    text = "".join(parts)
+    whole_content, whole_calls = parse_tool_calls(name, text, TOOLS)
+    rnd = random.Random(seed)
+    cuts = sorted(set(rnd.randrange(1, len(text)) for _ in range(8))) if len(text) > 1 else []
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    for chunks in (pieces, list(text)):
+        content, calls = stream(name, chunks)
+        assert content == whole_content
+        assert [(c["name"], c["arguments"]) for c in calls] == \
+            [(c.name, c.arguments) for c in whole_calls]
+    if not whole_calls:
+        assert whole_content == text
