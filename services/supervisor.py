@@ -8,6 +8,7 @@ whole suite stops: nothing is restarted silently.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -81,12 +82,19 @@ class SuiteConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    worker_engine: str = "torch"
+    worker_args: list[str] = field(default_factory=list)
+    prefill_workers: int = 0
+    decode_workers: int = 0
     model_path: str = ""
     history_db: str = ""
     policy: str = "round_robin"
     log_dir: Path = field(default_factory=lambda: Path(".sglmesh") / "logs")
     log_level: str = "info"
+    log_json: bool = False
     trace_file: str = ""
+    otlp_endpoint: str = ""
+    state_file: Path = field(default_factory=lambda: Path(".sglmesh") / "state.json")
     startup_timeout: float = 600.0
     stop_grace: float = 15.0
 
@@ -108,6 +116,10 @@ class Suite:
 
     def _service(self, name: str, port: int, *args: str, host: str = "127.0.0.1") -> Child:
         common = ["--host", host, "--port", str(port), "--log-level", self.config.log_level]
+        if self.config.log_json:
+            common.append("--log-json")
+        if self.config.otlp_endpoint:
+            common += ["--otlp-endpoint", self.config.otlp_endpoint]
         if name != "gateway":  # the gateway serves /metrics on its own port
             metrics_port = free_port()
             common += ["--metrics-port", str(metrics_port)]
@@ -124,8 +136,16 @@ class Suite:
     def _wait_grpc(self, child: Child, port: int, deadline: float, what: str) -> None:
         channel = grpc.insecure_channel(dial_target("127.0.0.1", port), options=CHANNEL_OPTIONS)
         stub = health_pb2_grpc.HealthStub(channel)
+        began = time.monotonic()
+        next_progress = began + 5
         try:
             while time.monotonic() < deadline:
+                if time.monotonic() >= next_progress:
+                    # Progress for slow starts (model conversion): the child's latest log line.
+                    last = child.tail(1).strip()
+                    self.say(f"  ... {child.name} {what} ({time.monotonic() - began:.0f}s)"
+                             + (f": {last[-120:]}" if last else ""))
+                    next_progress = time.monotonic() + 5
                 if not child.alive():
                     raise StartupError(f"{child.name} exited while {what}; log {child.log_path}:\n"
                                        f"{child.tail()}")
@@ -147,7 +167,12 @@ class Suite:
         deadline = time.monotonic() + cfg.startup_timeout
         started = time.monotonic()
         history_port, router_port, tokenizer_port = free_port(), free_port(), free_port()
-        worker_ports = [free_port() for _ in range(cfg.workers)]
+        pd = cfg.prefill_workers > 0 or cfg.decode_workers > 0
+        if pd and (cfg.prefill_workers < 1 or cfg.decode_workers < 1):
+            raise StartupError("PD mode needs at least one prefill and one decode worker")
+        roles = (["prefill"] * cfg.prefill_workers + ["decode"] * cfg.decode_workers if pd
+                 else ["regular"] * cfg.workers)
+        worker_ports = [free_port() for _ in roles]
         self.ports = {"history": history_port, "router": router_port,
                       "tokenizer": tokenizer_port, "gateway": cfg.port}
         self.ports.update({f"worker-{i}": port for i, port in enumerate(worker_ports)})
@@ -156,9 +181,19 @@ class Suite:
         self.say(f"starting history ({history_db.split('://')[0]})")
         history = self._service("history", history_port, "--history-db", history_db)
         workers = []
-        for port in worker_ports:
-            args = ["--model-path", cfg.model_path] if cfg.model_path else []
-            self.say(f"starting worker on :{port} (first start converts the model, ~30 s)")
+        bootstrap_ports: dict[int, int] = {}
+        for role, port in zip(roles, worker_ports, strict=True):
+            args = ["--engine", cfg.worker_engine]
+            if cfg.model_path:
+                args += ["--model-path", cfg.model_path]
+            if role != "regular":
+                args += ["--disaggregation-mode", role]
+                if role == "prefill":
+                    bootstrap_ports[port] = free_port()
+                    args += ["--bootstrap-port", str(bootstrap_ports[port])]
+            args += cfg.worker_args
+            note = " (first start converts the model, ~30 s)" if cfg.worker_engine == "torch" else ""
+            self.say(f"starting {cfg.worker_engine} worker ({role}) on :{port}{note}")
             workers.append((self._service("worker", port, *args), port))
         self._wait_grpc(history, history_port, deadline, "starting history")
         for child, port in workers:
@@ -166,8 +201,18 @@ class Suite:
             self.say(f"  {child.name} ready")
         worker_urls = [f"grpc://127.0.0.1:{port}" for port in worker_ports]
         self.say(f"starting router ({cfg.policy}, {len(worker_urls)} workers)")
-        router = self._service("router", router_port, "--policy", cfg.policy,
-                               "--worker-urls", *worker_urls)
+        if pd:
+            router_args = ["--policy", cfg.policy, "--pd-disaggregation"]
+            for role, port in zip(roles, worker_ports, strict=True):
+                if role == "prefill":
+                    router_args += ["--prefill", f"grpc://127.0.0.1:{port}",
+                                    str(bootstrap_ports[port])]
+            for role, port in zip(roles, worker_ports, strict=True):
+                if role == "decode":
+                    router_args += ["--decode", f"grpc://127.0.0.1:{port}"]
+        else:
+            router_args = ["--policy", cfg.policy, "--worker-urls", *worker_urls]
+        router = self._service("router", router_port, *router_args)
         self.say("starting tokenizer")
         tokenizer = self._service("tokenizer", tokenizer_port)
         self._wait_grpc(router, router_port, deadline, "starting")
@@ -190,19 +235,38 @@ class Suite:
                         metrics = ", ".join(f"{name} :{port}"
                                             for name, port in self.metrics_ports.items())
                         self.say(f"metrics: gateway {url}/metrics, {metrics}")
+                        self.write_state(url)
                         return url
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.25)
         raise StartupError(f"gateway not healthy in time; log {gateway.log_path}:\n{gateway.tail()}")
 
+    def write_state(self, url: str) -> None:
+        """Where everything runs, for ``sglmesh status`` and for humans."""
+        state = {
+            "gateway_url": url,
+            "ports": self.ports,
+            "metrics_ports": self.metrics_ports,
+            "supervisor_pid": os.getpid(),
+            "children": [{"name": c.name, "pid": c.proc.pid if c.proc else None,
+                          "log": str(c.log_path)} for c in self.children],
+        }
+        self.config.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config.state_file.write_text(json.dumps(state, indent=2))
+
     def first_dead(self) -> Child | None:
         return next((c for c in self.children if not c.alive()), None)
 
     def stop(self) -> None:
-        # Reverse start order: the gateway stops taking requests first.
+        # Reverse start order: the gateway stops taking requests and drains first, then the
+        # router lets in-flight streams finish, then the workers.
         for child in reversed(self.children):
             child.stop(self.config.stop_grace)
+        try:
+            self.config.state_file.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def run_suite(config: SuiteConfig) -> int:
