@@ -19,7 +19,8 @@ log = logging.getLogger("services.tokenizer")
 
 async def serve(config: TokenizerConfig) -> None:
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tokenizer")
-    core = TokenizerCore(config.cache_dir)
+    core = TokenizerCore(config.cache_dir, tool_call_parser=config.tool_call_parser,
+                         reasoning_parser=config.reasoning_parser)
     service = TokenizerService(core, executor, worker_timeout=config.worker_timeout)
     server = GrpcServer(config)
     server.add_service(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, service,

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from services.common.config import ServiceConfig, option
+from services.tokenizer.reasoning import REASONING_PARSERS
+from services.tokenizer.tool_parsers import TOOL_PARSERS
 
 DEFAULT_CACHE_DIR = str(Path.home() / ".cache" / "sglmesh" / "tokenizers")
 
@@ -39,6 +41,22 @@ class TokenizerConfig(ServiceConfig):
     workers: int = option(0, help="Size of the CPU thread pool (0 = number of cores).")
     worker_timeout: float = option(
         120.0, help="Seconds to wait for a worker's GetTokenizer bundle at start-up.")
+    tool_call_parser: str = option(
+        "auto", help="Tool-call parser for requests that have tools and name none: auto (by "
+                     "model name), none, or one of " + ", ".join(sorted(TOOL_PARSERS)) + ".",
+        metadata={"choices": ["auto", "none", *sorted(TOOL_PARSERS)]})
+    reasoning_parser: str = option(
+        "", help="Reasoning parser for requests that name none: empty (none) or one of "
+                 + ", ".join(sorted(REASONING_PARSERS)) + ".",
+        metadata={"choices": ["", *sorted(REASONING_PARSERS)]})
+    cache_max_bytes: int = option(
+        64 << 20, help="Memory bound (bytes, per model) of the exact-match prompt cache; "
+                       "0 disables it.")
+    cache_max_entries: int = option(
+        10000, help="Entry bound (per model) of the exact-match prompt cache.")
+    prefix_cache_max_bytes: int = option(
+        64 << 20, help="Memory bound (bytes, per model) of the prefix cache at special-token "
+                       "boundaries (multi-turn chats tokenize only the new turn); 0 disables it.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +72,10 @@ class TokenizerConfig(ServiceConfig):
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.workers == 0:
             self.workers = os.cpu_count() or 1
+        for name in ("cache_max_bytes", "cache_max_entries", "prefix_cache_max_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, "
+                                 f"got {getattr(self, name)}")
         if self.worker_timeout <= 0:
             raise ValueError(f"--worker-timeout must be > 0, got {self.worker_timeout}")
         self.cache_dir = str(Path(self.cache_dir).expanduser())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.tokenizer.chat_template import ChatTemplateError
+from services.tokenizer.errors import InvalidRequest
 from services.tokenizer.reasoning import REASONING_PARSERS, create_reasoning_parser
 from services.tokenizer.registry import (
     LoadedTokenizer,
@@ -16,17 +17,11 @@ from services.tokenizer.registry import (
     unpack_bundle,
 )
 from services.tokenizer.stream import DecodeOptions, DecodeSession, StreamDelta
+from services.tokenizer.tool_parsers import TOOL_PARSERS, create_tool_parser, detect_tool_parser
+from services.tokenizer.tools import validate_tools
 
-# Tool-call parsers this service implements (none yet: only "" is accepted).
-TOOL_PARSERS: frozenset[str] = frozenset()
-
-
-class InvalidRequest(ValueError):
-    """A request field is wrong; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+# --tool-call-parser values besides parser names: pick from the model name / never parse.
+AUTO, NONE = "auto", "none"
 
 
 def require_model(model: str) -> None:
@@ -37,9 +32,19 @@ def require_model(model: str) -> None:
 class TokenizerCore:
     """Loads tokenizers into a registry and runs the CPU-side operations on them."""
 
-    def __init__(self, cache_dir: str | Path, registry: TokenizerRegistry | None = None) -> None:
+    def __init__(self, cache_dir: str | Path, registry: TokenizerRegistry | None = None, *,
+                 tool_call_parser: str = AUTO, reasoning_parser: str = "") -> None:
         self.registry = registry or TokenizerRegistry()
         self.cache_dir = Path(cache_dir).expanduser()
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
+
+    def resolve_tool_parser(self, model: str, requested: str) -> str:
+        """The request's parser, else the service default; ``auto`` goes by the model name."""
+        name = requested or self.tool_call_parser
+        if name == AUTO:
+            return detect_tool_parser(model)
+        return "" if name == NONE else name
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -102,6 +107,7 @@ class TokenizerCore:
         if add_generation_prompt and continue_final_message:
             raise InvalidRequest("continue_final_message", "continue_final_message and "
                                  "add_generation_prompt cannot both be set")
+        validate_tools(tools)
         prompt = tok.chat_template.render(
             messages, tools=tools, documents=documents,
             add_generation_prompt=add_generation_prompt,
@@ -111,21 +117,30 @@ class TokenizerCore:
         return prompt, tok.encode(prompt, add_special_tokens=False)
 
     def open_stream(self, model: str, options: DecodeOptions, reasoning_parser: str = "",
-                    tool_parser: str = "", reasoning_open: bool = False) -> DecodeStreamSpec:
-        """Validates a DecodeStart; the spec makes one DecodeSession per choice."""
+                    tool_parser: str = "", reasoning_open: bool = False,
+                    tools: list[dict[str, Any]] | None = None) -> DecodeStreamSpec:
+        """Validates a DecodeStart; the spec makes one DecodeSession per choice.
+
+        Tool calls are parsed only when the request has tools: with ``tool_parser`` when it
+        names one, else with the service's ``--tool-call-parser`` (``auto``: by model name).
+        """
         tok = self.get(model)
+        reasoning_parser = reasoning_parser or self.reasoning_parser
         if reasoning_parser and reasoning_parser not in REASONING_PARSERS:
             raise InvalidRequest("reasoning_parser",
                                  f"unknown reasoning parser {reasoning_parser!r}; known: "
                                  f"{', '.join(sorted(REASONING_PARSERS))}")
         if tool_parser and tool_parser not in TOOL_PARSERS:
-            raise InvalidRequest("tool_parser", f"unknown tool parser {tool_parser!r}; "
-                                 "no tool parsers are available yet")
+            raise InvalidRequest("tool_parser", f"unknown tool parser {tool_parser!r}; known: "
+                                 f"{', '.join(sorted(TOOL_PARSERS))}")
+        tool_names = validate_tools(tools)
+        parser_name = self.resolve_tool_parser(model, tool_parser) if tool_names else ""
         bad = tok.invalid_ids(options.prompt_token_ids)
         if bad:
             raise InvalidRequest("prompt_token_ids", f"token id {bad[0]} is out of range "
                                  f"(vocab size {tok.vocab_size})")
-        return DecodeStreamSpec(tok, options, reasoning_parser, reasoning_open)
+        return DecodeStreamSpec(tok, options, reasoning_parser, reasoning_open, parser_name,
+                                tool_names)
 
 
 @dataclass
@@ -136,11 +151,15 @@ class DecodeStreamSpec:
     options: DecodeOptions
     reasoning_parser: str = ""
     reasoning_open: bool = False
+    tool_parser: str = ""
+    tool_names: list[str] = field(default_factory=list)
 
     def new_session(self) -> DecodeSession:
         parser = (create_reasoning_parser(self.reasoning_parser, self.reasoning_open)
                   if self.reasoning_parser else None)
-        return DecodeSession(self.tokenizer, self.options, parser)
+        tools = create_tool_parser(self.tool_parser, self.tool_names) if self.tool_parser else None
+        return DecodeSession(self.tokenizer, self.options, parser, tools,
+                             self.tokenizer.special_token_ids)
 
     def step(self, session: DecodeSession, token_ids: Sequence[int], finished: bool) -> StreamDelta:
         bad = self.tokenizer.invalid_ids(token_ids)

@@ -7,6 +7,7 @@ into the cache directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -72,6 +73,12 @@ class LoadedTokenizer:
 
     def invalid_ids(self, ids: Sequence[int]) -> list[int]:
         return [i for i in ids if i >= self.vocab_size]
+
+    @functools.cached_property
+    def special_token_ids(self) -> dict[str, int]:
+        """Added tokens marked special (those skip_special_tokens drops): content -> id."""
+        return {tok.content: i for i, tok in self.tokenizer.get_added_tokens_decoder().items()
+                if tok.special}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -177,7 +177,8 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 )
                 spec = await self._run(self.core.open_stream, start.model, options,
                                        start.reasoning_parser, start.tool_parser,
-                                       start.reasoning_open)
+                                       start.reasoning_open,
+                                       [struct_to_dict(t) for t in start.tools])
                 continue
             if kind != "tokens":
                 raise invalid_argument("start" if kind == "start" else "request",
@@ -187,6 +188,8 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
             if session is None:
                 session = sessions[msg.index] = spec.new_session()
             delta = await self._run(spec.step, session, list(msg.token_ids), msg.finished)
-            yield pb.DecodeStreamResponse(index=msg.index, text=delta.text,
-                                          reasoning_text=delta.reasoning_text,
-                                          stopped=delta.stopped, matched_stop=delta.matched_stop)
+            yield pb.DecodeStreamResponse(
+                index=msg.index, text=delta.text, reasoning_text=delta.reasoning_text,
+                stopped=delta.stopped, matched_stop=delta.matched_stop,
+                tool_calls=[pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
+                                             arguments=c.arguments) for c in delta.tool_calls])

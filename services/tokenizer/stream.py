@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.tokenizer.incremental import Decoder, IncrementalDecoder, StopStringMatcher
 from services.tokenizer.reasoning import ThinkParser
+from services.tokenizer.tool_parsers import ToolCallDelta, ToolParser
 
 
 @dataclass
@@ -23,19 +24,38 @@ class StreamDelta:
     reasoning_text: str = ""
     stopped: bool = False
     matched_stop: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 class DecodeSession:
-    """decoder -> stop strings -> reasoning split, for one choice of one generation."""
+    """decoder -> stop strings -> reasoning split -> tool calls, for one choice.
+
+    ``special_token_ids`` (content -> id) lets a tool parser see its marker tokens (e.g.
+    ``<|python_tag|>``, ``[TOOL_CALLS]``) while every other special token is still skipped.
+    """
 
     def __init__(self, tokenizer: Decoder, options: DecodeOptions,
-                 reasoning: ThinkParser | None = None) -> None:
+                 reasoning: ThinkParser | None = None, tools: ToolParser | None = None,
+                 special_token_ids: dict[str, int] | None = None) -> None:
+        skip = options.skip_special_tokens
+        self._drop: frozenset[int] = frozenset()
+        if tools is not None and skip and special_token_ids:
+            keep = {special_token_ids[m] for m in tools.markers if m in special_token_ids}
+            if keep:
+                self._drop = frozenset(special_token_ids.values()) - keep
+                skip = False
         self.decoder = IncrementalDecoder(
-            tokenizer, skip_special_tokens=options.skip_special_tokens,
-            prompt_token_ids=options.prompt_token_ids)
+            tokenizer, skip_special_tokens=skip,
+            prompt_token_ids=self._filter(options.prompt_token_ids))
         self.stops = StopStringMatcher(options.stop, options.no_stop_trim)
         self.reasoning = reasoning
+        self.tools = tools
         self.finished = False
+
+    def _filter(self, ids: Sequence[int]) -> list[int]:
+        if not self._drop:
+            return list(ids)
+        return [i for i in ids if i not in self._drop]
 
     @property
     def stopped(self) -> bool:
@@ -47,7 +67,7 @@ class DecodeSession:
         if self.stops.stopped:  # tokens after a stop are dropped
             self.finished = self.finished or finished
             return StreamDelta(stopped=True, matched_stop=self.stops.matched)
-        text = self.decoder.step(token_ids)
+        text = self.decoder.step(self._filter(token_ids))
         if finished:
             text += self.decoder.finish()
         result = self.stops.push(text)
@@ -65,5 +85,23 @@ class DecodeSession:
                 delta.reasoning_text += tail.reasoning
         else:
             delta.text = out
+        if self.tools is not None:
+            parsed = self.tools.push(delta.text)
+            if end:
+                tail = self.tools.flush()
+                parsed.text += tail.text
+                parsed.calls.extend(tail.calls)
+            delta.text, delta.tool_calls = parsed.text, _merge(parsed.calls)
         self.finished = finished
         return delta
+
+
+def _merge(calls: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Adjacent fragments of one call become one delta."""
+    out: list[ToolCallDelta] = []
+    for call in calls:
+        if out and out[-1].index == call.index and not call.name:
+            out[-1].arguments += call.arguments
+        else:
+            out.append(call)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -325,3 +326,36 @@ def test_bad_startup_source_exits(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="not a directory"):
         proc.start()
     proc.stop()
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}
+
+
+def test_decode_stream_tool_calls(stub: Any, hf_tokenizer: Any) -> None:
+    output = ('Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+              '</tool_call>')
+    ids = hf_tokenizer(output, add_special_tokens=False)["input_ids"]
+    reqs = [start(tool_parser="hermes", tools=[struct(WEATHER_TOOL)])]
+    reqs += [tokens([i], finished=n == len(ids) - 1) for n, i in enumerate(ids)]
+    replies = decode_stream(stub, reqs)
+    assert len(replies) == len(ids)
+    deltas = [c for r in replies for c in r.tool_calls]
+    assert "".join(r.text for r in replies) == "Sure."
+    assert deltas[0].name == "get_weather" and deltas[0].id.startswith("call_")
+    assert all(not d.name and not d.id and d.tool_index == 0 for d in deltas[1:])
+    assert json.loads("".join(d.arguments for d in deltas)) == {"city": "Paris"}
+
+
+def test_tool_validation_over_grpc(stub: Any) -> None:
+    bad = {"type": "function", "function": {"name": "ok", "parameters": {"type": "list"}}}
+    details = expect_error(lambda: decode_stream(
+        stub, [start(tool_parser="hermes", tools=[struct(WEATHER_TOOL), struct(bad)])]),
+        ErrorCode.INVALID_ARGUMENT)
+    assert "tools[1].function.parameters.type" in details.message
+    details = expect_error(lambda: stub.RenderChat(pb.RenderChatRequest(
+        model="smollm2", messages=[struct({"role": "user", "content": "hi"})],
+        tools=[struct({"type": "function", "function": {"name": "a b"}})])),
+        ErrorCode.INVALID_ARGUMENT)
+    assert "tools[0].function.name" in details.message
