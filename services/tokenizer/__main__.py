@@ -12,6 +12,7 @@ from services.common.grpc_server import GrpcServer, wait_for_shutdown
 from services.common.service import main_for
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.core import TokenizerCore
+from services.tokenizer.metrics import register_cache_collector
 from services.tokenizer.server import SERVICE_NAME, TokenizerService
 
 log = logging.getLogger("services.tokenizer")
@@ -20,7 +21,11 @@ log = logging.getLogger("services.tokenizer")
 async def serve(config: TokenizerConfig) -> None:
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tokenizer")
     core = TokenizerCore(config.cache_dir, tool_call_parser=config.tool_call_parser,
-                         reasoning_parser=config.reasoning_parser)
+                         reasoning_parser=config.reasoning_parser,
+                         cache_max_bytes=config.cache_max_bytes,
+                         cache_max_entries=config.cache_max_entries,
+                         prefix_cache_max_bytes=config.prefix_cache_max_bytes)
+    register_cache_collector(core.registry)
     service = TokenizerService(core, executor, worker_timeout=config.worker_timeout)
     server = GrpcServer(config)
     server.add_service(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, service,

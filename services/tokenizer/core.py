@@ -33,8 +33,11 @@ class TokenizerCore:
     """Loads tokenizers into a registry and runs the CPU-side operations on them."""
 
     def __init__(self, cache_dir: str | Path, registry: TokenizerRegistry | None = None, *,
-                 tool_call_parser: str = AUTO, reasoning_parser: str = "") -> None:
+                 tool_call_parser: str = AUTO, reasoning_parser: str = "",
+                 cache_max_bytes: int = 0, cache_max_entries: int = 10000,
+                 prefix_cache_max_bytes: int = 0) -> None:
         self.registry = registry or TokenizerRegistry()
+        self.cache_limits = (cache_max_bytes, cache_max_entries, prefix_cache_max_bytes)
         self.cache_dir = Path(cache_dir).expanduser()
         self.tool_call_parser = tool_call_parser
         self.reasoning_parser = reasoning_parser
@@ -51,8 +54,9 @@ class TokenizerCore:
     def load_dir(self, model: str, path: str, chat_template: str | None = None,
                  source: str | None = None) -> LoadedTokenizer:
         require_model(model)
-        return self.registry.put(load_from_dir(model, path, source=source,
-                                               chat_template=chat_template or None))
+        loaded = load_from_dir(model, path, source=source, chat_template=chat_template or None)
+        loaded.enable_cache(*self.cache_limits)
+        return self.registry.put(loaded)
 
     def load_bundle(self, model: str, target: str, data: bytes, sha256: str,
                     chat_template: str | None = None) -> LoadedTokenizer:

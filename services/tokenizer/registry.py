@@ -24,6 +24,7 @@ from typing import Any
 
 import tokenizers
 
+from services.tokenizer.cache import EncodeCache
 from services.tokenizer.chat_template import ChatTemplate
 
 MAX_BUNDLE_FILES = 1000
@@ -59,14 +60,35 @@ class LoadedTokenizer:
     model_max_length: int
     special_tokens: dict[str, str] = field(default_factory=dict)
     chat_template: ChatTemplate | None = field(default=None, repr=False)
+    cache: EncodeCache | None = field(default=None, repr=False)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self.cache is not None:
+            return self.cache.encode(text, add_special_tokens)
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, texts: Sequence[str],
                      add_special_tokens: bool = False) -> list[list[int]]:
+        if self.cache is not None:
+            return self.cache.encode_batch(texts, add_special_tokens)
+        return self.encode_batch_uncached(texts, add_special_tokens)
+
+    def encode_batch_uncached(self, texts: Sequence[str],
+                              add_special_tokens: bool = False) -> list[list[int]]:
+        if len(texts) == 1:
+            return [list(self.tokenizer.encode(texts[0],
+                                               add_special_tokens=add_special_tokens).ids)]
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [list(e.ids) for e in encodings]
+
+    def enable_cache(self, max_bytes: int, max_entries: int, prefix_max_bytes: int) -> None:
+        """Puts exact-match and prefix caches (0 bytes: off) in front of encode."""
+        if max_bytes <= 0 and prefix_max_bytes <= 0:
+            self.cache = None
+            return
+        self.cache = EncodeCache(self.encode_batch_uncached, list(self.special_token_ids),
+                                 max_bytes=max_bytes, max_entries=max_entries,
+                                 prefix_max_bytes=prefix_max_bytes)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -14,11 +16,12 @@ from sglmesh.tokenizer.v1 import tokenizer_pb2 as pb
 from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
 from services.common.errors import ErrorCode, ServiceError, invalid_argument, not_found
+from services.tokenizer import metrics
 from services.tokenizer.chat_template import ChatTemplateError
-from services.tokenizer.core import InvalidRequest, TokenizerCore
+from services.tokenizer.core import DecodeStreamSpec, InvalidRequest, TokenizerCore
 from services.tokenizer.registry import LoadedTokenizer, TokenizerLoadError, UnknownModel
 from services.tokenizer.remote import fetch_tokenizer_bundle
-from services.tokenizer.stream import DecodeOptions, DecodeSession
+from services.tokenizer.stream import DecodeOptions, DecodeSession, StreamDelta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +69,27 @@ def info_of(tok: LoadedTokenizer) -> pb.TokenizerInfo:
     if tok.pad_token_id is not None:
         info.pad_token_id = tok.pad_token_id
     return info
+
+
+@contextlib.contextmanager
+def measured(method: str) -> Iterator[None]:
+    """Counts one operation by outcome and observes its duration."""
+    start = time.perf_counter()
+    outcome = "error"
+    try:
+        yield
+        outcome = "ok"
+    finally:
+        metrics.REQUESTS.labels(method, outcome).inc()
+        metrics.LATENCY.labels(method).observe(time.perf_counter() - start)
+
+
+def _timed_step(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
+                finished: bool) -> StreamDelta:
+    start = time.perf_counter()
+    delta = spec.step(session, ids, finished)
+    metrics.DECODE_STEP.observe(time.perf_counter() - start)
+    return delta
 
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
@@ -128,16 +152,19 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        results = await self._run(self.core.tokenize, request.model, list(request.texts),
-                                  request.add_special_tokens)
+        with measured("Tokenize"):
+            results = await self._run(self.core.tokenize, request.model, list(request.texts),
+                                      request.add_special_tokens)
+        metrics.TOKENS.labels("Tokenize").inc(sum(len(r) for r in results))
         return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=r) for r in results],
                                    total_tokens=sum(len(r) for r in results))
 
     async def Detokenize(self, request: pb.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
-        texts = await self._run(self.core.detokenize, request.model,
-                                [list(s.token_ids) for s in request.sequences],
-                                request.skip_special_tokens)
+        with measured("Detokenize"):
+            texts = await self._run(self.core.detokenize, request.model,
+                                    [list(s.token_ids) for s in request.sequences],
+                                    request.skip_special_tokens)
         return pb.DetokenizeResponse(texts=texts)
 
     async def RenderChat(self, request: pb.RenderChatRequest,
@@ -154,14 +181,23 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 continue_final_message=request.continue_final_message,
             )
 
-        prompt, ids = await self._run(render)
+        with measured("RenderChat"):
+            prompt, ids = await self._run(render)
+        metrics.TOKENS.labels("RenderChat").inc(len(ids))
         return pb.RenderChatResponse(prompt=prompt, token_ids=ids)
 
     async def DecodeStream(
         self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.DecodeStreamResponse]:
-        spec = None
+        with measured("DecodeStream"):
+            async for response in self._decode_stream(request_iterator):
+                yield response
+
+    async def _decode_stream(
+        self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
+    ) -> AsyncIterator[pb.DecodeStreamResponse]:
+        spec: DecodeStreamSpec | None = None
         sessions: dict[int, DecodeSession] = {}
         async for request in request_iterator:
             kind = request.WhichOneof("request")
@@ -187,9 +223,13 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
             session = sessions.get(msg.index)
             if session is None:
                 session = sessions[msg.index] = spec.new_session()
-            delta = await self._run(spec.step, session, list(msg.token_ids), msg.finished)
+            delta = await self._run(_timed_step, spec, session, list(msg.token_ids), msg.finished)
+            metrics.TOKENS.labels("DecodeStream").inc(len(msg.token_ids))
+            calls = [pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
+                                      arguments=c.arguments) for c in delta.tool_calls]
+            new_calls = sum(1 for c in delta.tool_calls if c.name)
+            if new_calls:
+                metrics.TOOL_CALLS.labels(spec.tool_parser).inc(new_calls)
             yield pb.DecodeStreamResponse(
                 index=msg.index, text=delta.text, reasoning_text=delta.reasoning_text,
-                stopped=delta.stopped, matched_stop=delta.matched_stop,
-                tool_calls=[pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
-                                             arguments=c.arguments) for c in delta.tool_calls])
+                stopped=delta.stopped, matched_stop=delta.matched_stop, tool_calls=calls)

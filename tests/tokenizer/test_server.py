@@ -6,6 +6,7 @@ import importlib.util
 import json
 import queue
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from sglmesh.tokenizer.v1 import tokenizer_pb2 as pb
 from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
 from services.common.errors import ErrorCode, error_details
-from services.common.net import CHANNEL_OPTIONS
+from services.common.net import CHANNEL_OPTIONS, free_port
 from tests.procs import ServiceProcess
 
 
@@ -31,9 +32,12 @@ def struct(d: dict[str, Any]) -> struct_pb2.Struct:
 def service(tokenizer_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     cache = tmp_path_factory.mktemp("tok-cache")
+    metrics_port = free_port()
     with ServiceProcess("tokenizer", ["--tokenizer", f"smollm2={tokenizer_dir}",
-                                      "--cache-dir", str(cache), "--workers", "2"],
+                                      "--cache-dir", str(cache), "--workers", "2",
+                                      "--metrics-port", str(metrics_port)],
                         ready_timeout=60) as proc:
+        proc.metrics_port = metrics_port  # type: ignore[attr-defined]
         yield proc
 
 
@@ -359,3 +363,34 @@ def test_tool_validation_over_grpc(stub: Any) -> None:
         tools=[struct({"type": "function", "function": {"name": "a b"}})])),
         ErrorCode.INVALID_ARGUMENT)
     assert "tools[0].function.name" in details.message
+
+
+def scrape(port: int) -> dict[str, float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    body = opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in body.splitlines():
+        if line.startswith("sglmesh_tokenizer_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_cache_and_request_metrics(stub: Any, service: ServiceProcess) -> None:
+    messages = [struct({"role": "system", "content": "Be brief."})]
+    for n in range(4):
+        messages.append(struct({"role": "user", "content": f"question {n}"}))
+        stub.RenderChat(pb.RenderChatRequest(model="smollm2", messages=messages))
+        messages.append(struct({"role": "assistant", "content": f"answer {n}"}))
+    stub.Tokenize(pb.TokenizeRequest(model="smollm2", texts=["same text", "same text"]))
+    m = scrape(service.metrics_port)  # type: ignore[attr-defined]
+    assert m['sglmesh_tokenizer_cache_hits_total{cache="prefix",model="smollm2"}'] >= 3
+    assert m['sglmesh_tokenizer_cache_hits_total{cache="exact",model="smollm2"}'] >= 1
+    assert m['sglmesh_tokenizer_cache_misses_total{cache="exact",model="smollm2"}'] >= 5
+    assert m['sglmesh_tokenizer_cache_bytes{cache="prefix",model="smollm2"}'] > 0
+    assert m['sglmesh_tokenizer_prefix_cache_reused_tokens_total{model="smollm2"}'] > 0
+    assert m['sglmesh_tokenizer_requests_total{method="RenderChat",outcome="ok"}'] >= 4
+    assert m['sglmesh_tokenizer_request_duration_seconds_count{method="Tokenize"}'] >= 1
+    assert m['sglmesh_tokenizer_loaded_models'] >= 1
+    assert any(k.startswith('sglmesh_tokenizer_requests_total{method="DecodeStream"')
+               for k in m)
