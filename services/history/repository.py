@@ -117,6 +117,11 @@ class HistoryRepository:
         self._write = async_sessionmaker(
             self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
         )
+        # SQLite has one writer at a time: writers of this process queue here, in order,
+        # instead of polling the file lock (busy_timeout backs off up to 100 ms per try).
+        # Other processes on the same file still meet the file lock and its busy timeout.
+        self._write_lock: asyncio.Lock | None = (
+            asyncio.Lock() if self.engine.dialect.name == "sqlite" else None)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -167,6 +172,9 @@ class HistoryRepository:
         maker = self._write if write else self._read
 
         async def go() -> R:
+            if write and self._write_lock is not None:
+                async with self._write_lock, maker() as session, session.begin():
+                    return await op(session)
             async with maker() as session, session.begin():
                 return await op(session)
 
