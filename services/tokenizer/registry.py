@@ -26,6 +26,12 @@ import tokenizers
 
 from services.tokenizer.cache import EncodeCache
 from services.tokenizer.chat_template import ChatTemplate
+from services.tokenizer.tiktoken_backend import (
+    TiktokenLoadError,
+    TiktokenTokenizer,
+    find_tiktoken_file,
+    is_tiktoken_file,
+)
 
 MAX_BUNDLE_FILES = 1000
 MAX_BUNDLE_BYTES = 1 << 30  # uncompressed
@@ -49,7 +55,7 @@ class LoadedTokenizer:
     """One model's tokenizer and what the service needs around it."""
 
     model: str
-    tokenizer: tokenizers.Tokenizer = field(repr=False)
+    tokenizer: Any = field(repr=False)  # tokenizers.Tokenizer or TiktokenTokenizer
     source: str
     directory: Path
     fingerprint: str
@@ -164,19 +170,30 @@ def sha256_file(path: Path) -> str:
 
 def load_from_dir(model: str, directory: str | Path, *, source: str | None = None,
                   chat_template: str | None = None) -> LoadedTokenizer:
-    """Loads tokenizer.json plus tokenizer_config.json / generation_config.json / config.json."""
+    """Loads tokenizer.json (or a tiktoken file) plus tokenizer_config.json /
+    generation_config.json / config.json."""
     if not model:
         raise TokenizerLoadError("model id is empty")
     path = Path(directory).expanduser()
     tok_file = path / "tokenizer.json"
     if not path.is_dir():
         raise TokenizerLoadError(f"{str(path)!r} is not a directory")
-    if not tok_file.is_file():
-        raise TokenizerLoadError(f"{str(path)!r} has no tokenizer.json")
-    try:
-        tok = tokenizers.Tokenizer.from_file(str(tok_file))
-    except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise TokenizerLoadError(f"cannot load {tok_file}: {exc}") from exc
+    tok: Any
+    if tok_file.is_file():
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise TokenizerLoadError(f"cannot load {tok_file}: {exc}") from exc
+    else:
+        tiktoken_file = find_tiktoken_file(path)
+        if tiktoken_file is None:
+            raise TokenizerLoadError(f"{str(path)!r} has no tokenizer.json (nor a tiktoken "
+                                     "file: tiktoken.model or *.tiktoken)")
+        try:
+            tok = TiktokenTokenizer(tiktoken_file, _read_json(path / "tokenizer_config.json"))
+        except TiktokenLoadError as exc:
+            raise TokenizerLoadError(f"cannot load {tiktoken_file}: {exc}") from exc
+        tok_file = tiktoken_file
     tok_config = _read_json(path / "tokenizer_config.json")
     gen_config = _read_json(path / "generation_config.json")
     model_config = _read_json(path / "config.json")
@@ -209,6 +226,9 @@ def load_from_dir(model: str, directory: str | Path, *, source: str | None = Non
         max_len = model_config.get("max_position_embeddings")
     if not isinstance(max_len, int) or not 0 < max_len <= _UINT32_MAX:
         max_len = 0
+
+    if isinstance(tok, TiktokenTokenizer) and tok_config.get("add_bos_token") and bos is not None:
+        tok.add_bos_id = bos
 
     template_source = chat_template if chat_template else _chat_template_source(path, tok_config)
     template = ChatTemplate(template_source) if template_source else None
@@ -263,8 +283,10 @@ def unpack_bundle(data: bytes, sha256: str, cache_dir: str | Path) -> Path:
         plan.append((member, rel))
     found = sorted((rel for _, rel in plan if rel.name == "tokenizer.json"),
                    key=lambda r: len(r.parts))
+    found = found or sorted((rel for _, rel in plan if is_tiktoken_file(rel.name)),
+                            key=lambda r: len(r.parts))
     if not found:
-        raise TokenizerLoadError("tokenizer bundle has no tokenizer.json")
+        raise TokenizerLoadError("tokenizer bundle has no tokenizer.json (nor a tiktoken file)")
 
     root = Path(cache_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
