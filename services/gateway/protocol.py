@@ -127,3 +127,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ResponsesRequest(OpenAIModel):
+    """POST /v1/responses (fields in OpenAI's order; SGLang sampling extras after them)."""
+
+    model: str
+    input: str | list[Any]
+    background: bool = False
+    conversation: str | dict[str, Any] | None = None
+    include: list[str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    store: bool = True
+    stream: bool = False
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    text: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] = "auto"
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    truncation: Literal["auto", "disabled"] = "disabled"
+    user: str | None = None
+    # SGLang extras
+    top_k: int = Field(-1, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    seed: int | None = None
+
+    @property
+    def conversation_id(self) -> str | None:
+        if isinstance(self.conversation, dict):
+            value = self.conversation.get("id")
+            return value if isinstance(value, str) else None
+        return self.conversation

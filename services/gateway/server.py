@@ -26,9 +26,10 @@ from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import OpenAIError, invalid
 from services.gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
+from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest
 from services.gateway.serving_chat import ChatCompletionService, new_request_id
 from services.gateway.serving_conversations import ConversationService
+from services.gateway.serving_responses import ResponsesService
 from services.gateway.storage import DEFAULT_TENANT, Storage, tenant_for_key
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,15 @@ def error_response(error: OpenAIError, request_id: str = "") -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
 def _param(loc: tuple[Any, ...]) -> str:
     """Pydantic's error location as OpenAI names a parameter: messages[0].role."""
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            continue  # pydantic names the union member it tried; clients know the field
         if isinstance(part, int):
             out += f"[{part}]"
         else:
@@ -221,8 +227,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         backends = Backends(config)
         storage = Storage(backends.history, config.history_timeout_secs)
         state["backends"] = backends
-        state["chat"] = ChatCompletionService(backends)
+        state["chat"] = ChatCompletionService(backends, config.tool_call_parser,
+                                              config.reasoning_parser)
         state["conversations"] = ConversationService(storage)
+        state["responses"] = ResponsesService(state["chat"], storage, state["conversations"])
         yield
         await backends.close()
 
@@ -242,7 +250,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return str(request.scope.get("state", {}).get("tenant") or DEFAULT_TENANT)
 
     def idempotency_key(request: Request) -> str:
-        return request.headers.get("idempotency-key") or request_id(request)
+        """A client's retry key; a request id alone is no promise that two requests are one."""
+        return request.headers.get("idempotency-key", "")[:200]
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -274,13 +283,56 @@ def create_app(config: GatewayConfig) -> FastAPI:
         result = await until_disconnect(request, chat.complete(body, rid))
         return JSONResponse(result.model_dump(exclude_none=False))
 
+    # ---- responses ---------------------------------------------------------------------------
+
+    @app.post("/v1/responses", tags=["responses"])
+    async def create_response(request: Request) -> Response:
+        body = await parse_body(request, ResponsesRequest, max_payload)
+        responses: ResponsesService = state["responses"]
+        rid = request_id(request)
+        ctx = await until_disconnect(request, responses.prepare(
+            tenant(request), body, rid, idempotency_key(request)))
+        if body.background:
+            return JSONResponse(await responses.start_background(ctx, rid))
+        if body.stream:
+            return StreamingResponse(responses.stream(ctx, rid), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        return JSONResponse(await until_disconnect(request, responses.complete(ctx, rid)))
+
+    @app.get("/v1/responses/{response_id}", tags=["responses"])
+    async def get_response(request: Request, response_id: str) -> JSONResponse:
+        responses: ResponsesService = state["responses"]
+        return JSONResponse(await responses.get(tenant(request), response_id,
+                                                request_id(request)))
+
+    @app.delete("/v1/responses/{response_id}", tags=["responses"])
+    async def delete_response(request: Request, response_id: str) -> JSONResponse:
+        responses: ResponsesService = state["responses"]
+        return JSONResponse(await responses.delete(tenant(request), response_id,
+                                                   request_id(request)))
+
+    @app.post("/v1/responses/{response_id}/cancel", tags=["responses"])
+    async def cancel_response(request: Request, response_id: str) -> JSONResponse:
+        responses: ResponsesService = state["responses"]
+        return JSONResponse(await responses.cancel(tenant(request), response_id,
+                                                   request_id(request)))
+
+    @app.get("/v1/responses/{response_id}/input_items", tags=["responses"])
+    async def list_response_input_items(request: Request, response_id: str,
+                                        after: str | None = None, limit: str | None = None,
+                                        order: str | None = None) -> JSONResponse:
+        responses: ResponsesService = state["responses"]
+        return JSONResponse(await responses.input_items(tenant(request), response_id, after,
+                                                        limit, order, request_id(request)))
+
     # ---- conversations -----------------------------------------------------------------------
 
     @app.post("/v1/conversations", tags=["conversations"])
     async def create_conversation(request: Request) -> JSONResponse:
         body = await read_json(request, max_payload)
         conv: ConversationService = state["conversations"]
-        return JSONResponse(await conv.create(tenant(request), body, idempotency_key(request)))
+        return JSONResponse(await conv.create(tenant(request), body, idempotency_key(request),
+                                              request_id(request)))
 
     @app.get("/v1/conversations/{conversation_id}", tags=["conversations"])
     async def get_conversation(request: Request, conversation_id: str) -> JSONResponse:
@@ -305,7 +357,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         body = await read_json(request, max_payload)
         conv: ConversationService = state["conversations"]
         return JSONResponse(await conv.create_items(tenant(request), conversation_id, body,
-                                                    idempotency_key(request)))
+                                                    idempotency_key(request),
+                                                    request_id(request)))
 
     @app.get("/v1/conversations/{conversation_id}/items", tags=["conversations"])
     async def list_conversation_items(request: Request, conversation_id: str,

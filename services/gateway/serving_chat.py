@@ -1,15 +1,19 @@
 """``/v1/chat/completions``: validate -> render + tokenize -> route + generate -> decode.
 
 One code path for streaming and non-streaming: the worker always streams; the tokenizer's
-DecodeStream turns each chunk into text in lock-step; the non-streaming answer is the sum of
-the deltas.
+DecodeStream turns each chunk into text, reasoning and tool-call deltas in lock-step; the
+non-streaming answer is the sum of the deltas. ``n > 1`` fans out into n generations (one
+Generate call each, its own request id ``<id>-<index>`` and seed ``seed + index``), merged by
+choice index.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +35,7 @@ from services.gateway.protocol import (
     ChatCompletionResponse,
     Usage,
 )
+from services.gateway.schema import check_json_schema
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +44,60 @@ REQUEST_ID_KEY = "x-request-id"
 # The decoder needs a few prompt tokens of context for the first output token's spacing.
 PROMPT_CONTEXT_TOKENS = 8
 
+# Model-name globs -> tool-call parser (the tokenizer's names), first match wins; "json" when
+# none matches (a model prompted with tools answers with a JSON call object).
+TOOL_PARSER_PATTERNS = [
+    ("*qwen*", "hermes"), ("*hermes*", "hermes"), ("*llama-4*", "pythonic"),
+    ("*llama4*", "pythonic"), ("*llama-3*", "llama3"), ("*llama3*", "llama3"),
+    ("*mistral*", "mistral"), ("*mixtral*", "mistral"), ("*deepseek-v3.1*", "deepseekv31"),
+    ("*deepseek-v3*", "deepseekv3"), ("*deepseek-r1*", "deepseekv3"), ("*kimi-k2*", "kimi_k2"),
+]
+
+# A worker's INVALID_ARGUMENT field -> the request parameter it came from.
+_WORKER_FIELDS = {
+    "return_logprob": "logprobs",
+    "top_logprobs_num": "top_logprobs",
+    "sampling_params.n": "n",
+    "sampling_params.max_new_tokens": "max_tokens",
+    "sampling_params.min_new_tokens": "min_tokens",
+    "sampling_params.stop_token_ids": "stop_token_ids",
+}
+_CONSTRAINT_FIELDS = {"sampling_params.json_schema", "sampling_params.regex",
+                      "sampling_params.ebnf_grammar", "sampling_params.structural_tag"}
+
+
+def tool_parser_for(model: str, configured: str) -> str:
+    if configured:
+        return configured
+    lowered = model.lower()
+    for pattern, parser in TOOL_PARSER_PATTERNS:
+        if fnmatch.fnmatchcase(lowered, pattern):
+            return parser
+    return "json"
+
+
+@dataclass
+class ToolCallPart:
+    """One streamed fragment of a tool call: id and name only on a call's first fragment."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
 
 @dataclass
 class Delta:
-    """What one worker chunk added to the answer."""
+    """What one worker chunk added to one choice."""
 
     text: str = ""
     reasoning: str = ""
+    tool_calls: list[ToolCallPart] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    index: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.reasoning or self.tool_calls or self.logprobs)
 
 
 @dataclass
@@ -57,6 +109,7 @@ class GenerationResult:
     completion_tokens: int = 0
     cached_tokens: int = 0
     matched_stop: str | int | None = None
+    tool_calls: int = 0
 
 
 @dataclass
@@ -68,6 +121,8 @@ class Generation:
     model: ServedModel
     generate_request: pb.GenerateRequest
     decode_start: tok_pb.DecodeStart
+    index: int = 0
+    constraint_param: str = "response_format"
     result: GenerationResult = field(default_factory=GenerationResult)
 
     async def deltas(self) -> AsyncIterator[Delta]:
@@ -79,7 +134,7 @@ class Generation:
             try:
                 await decode_call.write(tok_pb.DecodeStreamRequest(start=self.decode_start))
             except grpc.aio.AioRpcError as exc:
-                raise from_grpc(exc, "tokenizer") from exc
+                raise self._tokenizer_error(exc) from exc
             async for response in generate_call:
                 if response.HasField("chunk"):
                     chunk = response.chunk
@@ -87,8 +142,11 @@ class Generation:
                     self.result.completion_tokens = chunk.completion_tokens
                     self.result.cached_tokens = chunk.cached_tokens
                     decoded = await self._decode(decode_call, chunk.token_ids, finished=False)
-                    if decoded.text or decoded.reasoning_text:
-                        yield Delta(decoded.text, decoded.reasoning_text)
+                    delta = self._delta(decoded)
+                    if chunk.HasField("output_logprobs"):
+                        delta.logprobs = await self._logprobs(chunk.output_logprobs)
+                    if delta:
+                        yield delta
                     if decoded.stopped:
                         self.result.finish_reason = "stop"
                         self.result.matched_stop = decoded.matched_stop
@@ -106,30 +164,88 @@ class Generation:
                     elif done.HasField("matched_stop_str"):
                         self.result.matched_stop = done.matched_stop_str
             decoded = await self._decode(decode_call, [], finished=True)
-            if decoded.text or decoded.reasoning_text:
-                yield Delta(decoded.text, decoded.reasoning_text)
+            delta = self._delta(decoded)
+            if delta:
+                yield delta
             if decoded.stopped:
                 self.result.finish_reason = "stop"
                 self.result.matched_stop = decoded.matched_stop
             completed = True
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, "router") from exc
+            raise self._worker_error(exc) from exc
         finally:
             if not completed or not generate_call.done():
                 generate_call.cancel()  # the router relays this as an Abort to the worker
             decode_call.cancel()
 
-    @staticmethod
-    async def _decode(call: Any, token_ids: Any, finished: bool) -> tok_pb.DecodeStreamResponse:
+    def _delta(self, decoded: tok_pb.DecodeStreamResponse) -> Delta:
+        calls = [ToolCallPart(c.tool_index, c.id, c.name, c.arguments)
+                 for c in decoded.tool_calls]
+        if calls:
+            self.result.tool_calls = max(self.result.tool_calls,
+                                         max(c.index for c in calls) + 1)
+        return Delta(decoded.text, decoded.reasoning_text, calls, index=self.index)
+
+    def _worker_error(self, exc: grpc.aio.AioRpcError) -> OpenAIError:
+        error = from_grpc(exc, "router")
+        if error.status == 400 and error.param:
+            if error.param in _CONSTRAINT_FIELDS:
+                error.message = (f"Invalid '{self.constraint_param}': the worker cannot apply "
+                                 f"it: {error.message}")
+                error.param = self.constraint_param
+            else:
+                error.param = _WORKER_FIELDS.get(
+                    error.param, error.param.removeprefix("sampling_params."))
+        return error
+
+    def _tokenizer_error(self, exc: grpc.aio.AioRpcError) -> OpenAIError:
+        error = from_grpc(exc, "tokenizer")
+        if error.param == "tool_parser":
+            error.param = "tools"
+        elif error.param == "reasoning_parser":
+            error.param = "separate_reasoning"
+        return error
+
+    async def _decode(self, call: Any, token_ids: Any, finished: bool
+                      ) -> tok_pb.DecodeStreamResponse:
         try:
             await call.write(tok_pb.DecodeStreamRequest(
                 tokens=tok_pb.DecodeTokens(index=0, token_ids=token_ids, finished=finished)))
             response = await call.read()
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, "tokenizer") from exc
+            raise self._tokenizer_error(exc) from exc
         if response is grpc.aio.EOF:
             raise OpenAIError(502, "tokenizer closed the decode stream early")
         return response  # type: ignore[no-any-return]
+
+    async def _logprobs(self, lp: pb.OutputLogProbs) -> list[dict[str, Any]]:
+        """OpenAI ``logprobs.content`` entries; token strings from the tokenizer."""
+        ids = list(lp.token_ids)
+        tops = [list(t.token_ids) for t in lp.top_logprobs]
+        every = sorted({*ids, *(i for t in tops for i in t)})
+        if not every:
+            return []
+        try:
+            reply = await self.backends.tokenizer.Detokenize(tok_pb.DetokenizeRequest(
+                model=self.model.id, sequences=[tok_pb.TokenIds(token_ids=[i]) for i in every],
+                skip_special_tokens=False), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, "tokenizer") from exc
+        text = dict(zip(every, reply.texts, strict=True))
+
+        def entry(token_id: int, value: float) -> dict[str, Any]:
+            token = text[token_id]
+            return {"token": token, "logprob": value, "bytes": list(token.encode())}
+
+        out = []
+        for pos, (token_id, value) in enumerate(zip(ids, lp.token_logprobs, strict=False)):
+            top = lp.top_logprobs[pos] if pos < len(lp.top_logprobs) else None
+            item = entry(token_id, value)
+            item["top_logprobs"] = ([entry(i, v) for i, v in zip(top.token_ids, top.values,
+                                                                  strict=False)]
+                                    if top is not None else [])
+            out.append(item)
+        return out
 
 
 def _to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -138,31 +254,141 @@ def _to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
+def _check_regex(pattern: Any, param: str) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise invalid(param, f"Invalid '{param}': expected a non-empty regular expression.")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise invalid(param, f"Invalid '{param}': not a valid regular expression: {exc}.") from exc
+    return pattern
+
+
+def constraint_of(request: ChatCompletionRequest) -> tuple[str, str, str] | None:
+    """(proto constraint field, value, request param) from response_format/regex/ebnf/tools.
+
+    Everything is checked here, before any service sees the request."""
+    found: list[tuple[str, str, str]] = []
+    fmt = request.response_format
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            found.append(("json_schema", json.dumps({"type": "object"}), "response_format"))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise invalid("response_format.json_schema",
+                              "Missing required parameter: 'response_format.json_schema'.")
+            if not isinstance(spec.get("name"), str) or not re.fullmatch(
+                    r"[A-Za-z0-9_-]{1,64}", spec["name"]):
+                raise invalid("response_format.json_schema.name",
+                              "Invalid 'response_format.json_schema.name': 1-64 letters, "
+                              "digits, '_' or '-'.")
+            schema = spec.get("schema", spec.get("schema_"))
+            if schema is None:
+                schema = {}
+            check_json_schema(schema, "response_format.json_schema.schema")
+            found.append(("json_schema", json.dumps(schema), "response_format"))
+        elif kind not in (None, "text"):
+            raise invalid("response_format.type",
+                          f"Invalid value for 'response_format.type': {kind!r}; expected "
+                          "'text', 'json_object' or 'json_schema'.")
+    extra = request.model_extra or {}
+    if extra.get("regex") is not None:
+        found.append(("regex", _check_regex(extra["regex"], "regex"), "regex"))
+    if extra.get("ebnf") is not None:
+        if not isinstance(extra["ebnf"], str) or "::=" not in extra["ebnf"]:
+            raise invalid("ebnf", "Invalid 'ebnf': expected an EBNF grammar with rules "
+                                  "('name ::= ...').")
+        found.append(("ebnf_grammar", extra["ebnf"], "ebnf"))
+    forced = forced_tool_schema(request)
+    if forced is not None:
+        found.append(("json_schema", json.dumps(forced), "tool_choice"))
+    if len(found) > 1:
+        raise invalid(found[1][2], f"Only one of response_format, regex, ebnf and a forced "
+                                   f"tool_choice may constrain the output; got "
+                                   f"{found[0][2]} and {found[1][2]}.")
+    return found[0] if found else None
+
+
+def check_tools(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The function tools the template and parser see (none for tool_choice "none")."""
+    tools = request.tools or []
+    names = []
+    for i, tool in enumerate(tools):
+        if tool.get("type", "function") != "function":
+            raise invalid(f"tools[{i}].type", f"Invalid value for 'tools[{i}].type': only "
+                                              "'function' tools are supported.")
+        fn = tool.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise invalid(f"tools[{i}].function.name",
+                          f"Missing required parameter: 'tools[{i}].function.name'.")
+        if "parameters" in fn:
+            check_json_schema(fn["parameters"], f"tools[{i}].function.parameters")
+        names.append(fn["name"])
+    choice = request.tool_choice
+    if choice is not None:
+        if isinstance(choice, str):
+            if choice not in ("none", "auto", "required"):
+                raise invalid("tool_choice", f"Invalid value for 'tool_choice': {choice!r}; "
+                                             "expected none, auto, required or a function.")
+            if choice == "required" and not tools:
+                raise invalid("tool_choice", "tool_choice 'required' needs 'tools'.")
+        else:
+            name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+            if not isinstance(name, str):
+                raise invalid("tool_choice.function.name",
+                              "Missing required parameter: 'tool_choice.function.name'.")
+            if name not in names:
+                raise invalid("tool_choice.function.name",
+                              f"Invalid 'tool_choice': no tool named {name!r} in 'tools'.")
+    if choice == "none":
+        return []
+    return [{"type": "function", "function": t["function"]} for t in tools]
+
+
+def forced_tool_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """tool_choice required/named: the output is constrained to a JSON list of calls."""
+    choice = request.tool_choice
+    if not request.tools or choice in (None, "none", "auto"):
+        return None
+    fns = [t["function"] for t in request.tools if isinstance(t.get("function"), dict)]
+    if isinstance(choice, dict):
+        fns = [f for f in fns if f.get("name") == choice["function"]["name"]]
+    variants = [{"type": "object", "required": ["name", "parameters"],
+                 "properties": {"name": {"type": "string", "enum": [f["name"]]},
+                                "parameters": f.get("parameters") or {"type": "object"}}}
+                for f in fns]
+    return {"type": "array", "minItems": 1,
+            "maxItems": 1 if not request.parallel_tool_calls or isinstance(choice, dict)
+            else len(variants) * 4,
+            "items": {"anyOf": variants}}
+
+
 class ChatCompletionService:
     """The logic behind /v1/chat/completions."""
 
-    def __init__(self, backends: Backends) -> None:
+    def __init__(self, backends: Backends, tool_call_parser: str = "",
+                 reasoning_parser: str = "") -> None:
         self.backends = backends
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
 
     @staticmethod
     def check_supported(request: ChatCompletionRequest) -> None:
-        """Rejects what this gateway cannot honour yet, instead of silently ignoring it."""
-        if request.n != 1:
-            raise invalid("n", "n > 1 is not supported yet")
-        if request.logprobs or request.top_logprobs:
-            raise invalid("logprobs", "logprobs are not supported yet")
-        if request.tools:
-            raise invalid("tools", "tool calling is not supported yet")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise invalid("response_format", "only response_format type 'text' is supported yet")
+        """Rejects what this gateway cannot honour, instead of silently ignoring it."""
+        if request.top_logprobs and not request.logprobs:
+            raise invalid("top_logprobs", "top_logprobs requires logprobs: true.")
         if request.logit_bias:
             for key in request.logit_bias:
                 if not key.lstrip("-").isdigit():
                     raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str
-                      ) -> tuple[Generation, int]:
+                      ) -> tuple[list[Generation], int]:
         self.check_supported(request)
+        tools = check_tools(request)
+        constraint = constraint_of(request)
         model = await self.backends.model(request.model)
         await self.backends.ensure_tokenizer(model)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
@@ -170,9 +396,10 @@ class ChatCompletionService:
             rendered = await self.backends.tokenizer.RenderChat(tok_pb.RenderChatRequest(
                 model=model.id,
                 messages=[_to_struct(m) for m in messages],
+                tools=[_to_struct(t) for t in tools],
                 template_kwargs=_to_struct(request.chat_template_kwargs or {}),
                 add_generation_prompt=True,
-            ), timeout=30)
+            ), timeout=30, metadata=((REQUEST_ID_KEY, request_id),))
         except grpc.aio.AioRpcError as exc:
             error = from_grpc(exc, "tokenizer")
             if error.status == 400 and error.param in (None, "messages"):
@@ -193,97 +420,134 @@ class ChatCompletionService:
                     f"tokens and the context is {context}; at most {room} tokens can be generated.",
                     param="max_tokens", code="context_length_exceeded")
             max_new = max_new or room
-        sampling = pb.SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            min_p=request.min_p,
-            frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty,
-            repetition_penalty=request.repetition_penalty,
-            stop=request.stop_list,
-            stop_token_ids=request.stop_token_ids or [],
-            skip_special_tokens=request.skip_special_tokens,
-            n=1,
-            min_new_tokens=request.min_tokens,
-            ignore_eos=request.ignore_eos,
-            no_stop_trim=request.no_stop_trim,
-            logit_bias={k: v for k, v in (request.logit_bias or {}).items()},
-        )
-        if max_new is not None:
-            sampling.max_new_tokens = max_new
-        if request.seed is not None:
-            sampling.custom_params.update({"seed": request.seed})
-        generate = pb.GenerateRequest(
-            request_id=request_id,
-            tokenized=pb.TokenizedInput(original_text=rendered.prompt, input_ids=prompt_ids),
-            sampling_params=sampling,
-            stream=True,
-        )
-        start = tok_pb.DecodeStart(
-            model=model.id,
-            skip_special_tokens=request.skip_special_tokens,
-            stop=request.stop_list,
-            no_stop_trim=request.no_stop_trim,
-            prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:],
-        )
-        return Generation(self.backends, request_id, model, generate, start), len(prompt_ids)
+        parser = tool_parser_for(model.id, self.tool_call_parser) if tools else ""
+        if constraint is not None and constraint[2] == "tool_choice":
+            parser = "json"  # the constrained output is a JSON list of calls
+        reasoning_parser = self.reasoning_parser if request.separate_reasoning else ""
+        generations = []
+        for index in range(request.n):
+            sampling = pb.SamplingParams(
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                min_p=request.min_p,
+                frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty,
+                repetition_penalty=request.repetition_penalty,
+                stop=request.stop_list,
+                stop_token_ids=request.stop_token_ids or [],
+                skip_special_tokens=request.skip_special_tokens,
+                n=1,
+                min_new_tokens=request.min_tokens,
+                ignore_eos=request.ignore_eos,
+                no_stop_trim=request.no_stop_trim,
+                logit_bias={k: v for k, v in (request.logit_bias or {}).items()},
+            )
+            if max_new is not None:
+                sampling.max_new_tokens = max_new
+            if request.seed is not None:
+                sampling.custom_params.update({"seed": request.seed + index})
+            if constraint is not None:
+                setattr(sampling, constraint[0], constraint[1])
+            rid = request_id if request.n == 1 else f"{request_id}-{index}"
+            generate = pb.GenerateRequest(
+                request_id=rid,
+                tokenized=pb.TokenizedInput(original_text=rendered.prompt, input_ids=prompt_ids),
+                sampling_params=sampling,
+                stream=True,
+                return_logprob=request.logprobs,
+                top_logprobs_num=request.top_logprobs or 0,
+            )
+            start = tok_pb.DecodeStart(
+                model=model.id,
+                skip_special_tokens=request.skip_special_tokens,
+                stop=request.stop_list,
+                no_stop_trim=request.no_stop_trim,
+                prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:],
+                reasoning_parser=reasoning_parser,
+                tool_parser=parser,
+                tools=[_to_struct(t) for t in tools] if parser else [],
+                reasoning_open=bool(reasoning_parser)
+                and rendered.prompt.rstrip().endswith("<think>"),
+            )
+            generations.append(Generation(
+                self.backends, rid, model, generate, start, index=index,
+                constraint_param=constraint[2] if constraint else "response_format"))
+        return generations, len(prompt_ids)
 
     async def complete(self, request: ChatCompletionRequest, request_id: str
                        ) -> ChatCompletionResponse:
-        generation, _ = await self.prepare(request, request_id)
+        generations, _ = await self.prepare(request, request_id)
         started = time.perf_counter()
-        text: list[str] = []
-        reasoning: list[str] = []
-        first = True
-        async for delta in generation.deltas():
-            if first:
-                TTFT.observe(time.perf_counter() - started)
-                first = False
-            text.append(delta.text)
-            reasoning.append(delta.reasoning)
-        result = generation.result
-        OUTPUT_TOKENS.inc(result.completion_tokens)
+        first = [True]
+
+        async def run(generation: Generation) -> ChatCompletionChoice:
+            text: list[str] = []
+            reasoning: list[str] = []
+            calls: dict[int, dict[str, Any]] = {}
+            logprobs: list[dict[str, Any]] = []
+            async for delta in generation.deltas():
+                if first[0]:
+                    TTFT.observe(time.perf_counter() - started)
+                    first[0] = False
+                text.append(delta.text)
+                reasoning.append(delta.reasoning)
+                logprobs += delta.logprobs
+                for part in delta.tool_calls:
+                    call = calls.setdefault(part.index, {
+                        "id": part.id, "type": "function",
+                        "function": {"name": part.name, "arguments": ""}})
+                    call["function"]["arguments"] += part.arguments
+            result = generation.result
+            OUTPUT_TOKENS.inc(result.completion_tokens)
+            finish = "tool_calls" if calls and result.finish_reason == "stop" \
+                else result.finish_reason
+            return ChatCompletionChoice(
+                index=generation.index,
+                message=ChatCompletionMessage(
+                    content="".join(text) if (text and "".join(text)) or not calls else None,
+                    reasoning_content="".join(reasoning) or None,
+                    tool_calls=[calls[i] for i in sorted(calls)] or None),
+                logprobs={"content": logprobs} if request.logprobs else None,
+                finish_reason=finish,
+            )
+
+        choices = await _gather(run(g) for g in generations)
         return ChatCompletionResponse(
             id=request_id,
             created=int(time.time()),
             model=request.model,
-            choices=[ChatCompletionChoice(
-                index=0,
-                message=ChatCompletionMessage(
-                    content="".join(text), reasoning_content="".join(reasoning) or None),
-                finish_reason=result.finish_reason,
-            )],
-            usage=_usage(result),
+            choices=choices,
+            usage=_usage([g.result for g in generations]),
         )
 
     async def stream(self, request: ChatCompletionRequest, request_id: str
                      ) -> AsyncIterator[str]:
         """SSE frames. Errors before the first frame raise; later ones become an error frame."""
-        generation, _ = await self.prepare(request, request_id)
-        return self._frames(request, request_id, generation)
+        generations, _ = await self.prepare(request, request_id)
+        return self._frames(request, request_id, generations)
 
     async def _frames(self, request: ChatCompletionRequest, request_id: str,
-                      generation: Generation) -> AsyncIterator[str]:
+                      generations: list[Generation]) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         started = time.perf_counter()
+        prefix = (f'{{"id":{json.dumps(request_id)},"object":"chat.completion.chunk",'
+                  f'"created":{created},"model":{json.dumps(request.model)},"choices":[')
+        suffix = "]" + (',"usage":null' if include_usage else "") + "}\n\n"
 
-        def frame(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-            chunk: dict[str, Any] = {
-                "id": request_id, "object": "chat.completion.chunk", "created": created,
-                "model": request.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish_reason}],
-            }
-            if include_usage:
-                chunk["usage"] = None
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        def frame(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+                  logprobs: Any = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                      "finish_reason": finish_reason}
+            return f"data: {prefix}{json.dumps(choice, ensure_ascii=False)}{suffix}"
 
-        yield frame({"role": "assistant", "content": ""})
+        for g in generations:
+            yield frame(g.index, {"role": "assistant", "content": ""})
         first = True
+        has_calls: set[int] = set()
         try:
-            async for delta in generation.deltas():
+            async for delta in _merge([g.deltas() for g in generations]):
                 if first:
                     TTFT.observe(time.perf_counter() - started)
                     first = False
@@ -292,7 +556,11 @@ class ChatCompletionService:
                     content["reasoning_content"] = delta.reasoning
                 if delta.text:
                     content["content"] = delta.text
-                yield frame(content)
+                if delta.tool_calls:
+                    has_calls.add(delta.index)
+                    content["tool_calls"] = [_tool_delta(p) for p in delta.tool_calls]
+                yield frame(delta.index, content,
+                            logprobs={"content": delta.logprobs} if request.logprobs else None)
         except OpenAIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
@@ -302,24 +570,88 @@ class ChatCompletionService:
             log.exception("stream %s failed", request_id)
             yield f"data: {json.dumps(OpenAIError(500, str(exc)).body())}\n\n"
             return
-        result = generation.result
-        OUTPUT_TOKENS.inc(result.completion_tokens)
-        yield frame({}, result.finish_reason)
+        for g in generations:
+            OUTPUT_TOKENS.inc(g.result.completion_tokens)
+            reason = g.result.finish_reason
+            if g.index in has_calls and reason == "stop":
+                reason = "tool_calls"
+            yield frame(g.index, {}, reason)
         if include_usage:
             usage_chunk = {
                 "id": request_id, "object": "chat.completion.chunk", "created": created,
-                "model": request.model, "choices": [], "usage": _usage(result).model_dump(),
+                "model": request.model, "choices": [],
+                "usage": _usage([g.result for g in generations]).model_dump(),
             }
             yield f"data: {json.dumps(usage_chunk)}\n\n"
         yield "data: [DONE]\n\n"
 
 
-def _usage(result: GenerationResult) -> Usage:
+def _tool_delta(part: ToolCallPart) -> dict[str, Any]:
+    """OpenAI's delta rules: id, type and name only on a call's first fragment."""
+    out: dict[str, Any] = {"index": part.index}
+    if part.id or part.name:
+        out["id"] = part.id
+        out["type"] = "function"
+        out["function"] = {"name": part.name, "arguments": part.arguments}
+    else:
+        out["function"] = {"arguments": part.arguments}
+    return out
+
+
+async def _gather(coros: Any) -> list[Any]:
+    """asyncio.gather that cancels the siblings when one fails."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+    """Interleaves the choices' deltas as they come; the first failure ends all of them."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            _, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(results: list[GenerationResult]) -> Usage:
+    prompt = results[0].prompt_tokens if results else 0
+    completion = sum(r.completion_tokens for r in results)
     return Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-        prompt_tokens_details={"cached_tokens": result.cached_tokens},
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details={"cached_tokens": max((r.cached_tokens for r in results),
+                                                    default=0)},
     )
 
 

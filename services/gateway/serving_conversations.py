@@ -66,13 +66,13 @@ class ConversationService:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    async def create(self, tenant: str, body: dict[str, Any], request_id: str
-                     ) -> dict[str, Any]:
+    async def create(self, tenant: str, body: dict[str, Any], idempotency_key: str,
+                     request_id: str = "") -> dict[str, Any]:
         metadata = check_metadata(body.get("metadata"))
         items = _items(body.get("items"), "items")
         reply = await self.storage.call("CreateConversation", hpb.CreateConversationRequest(
             tenant=tenant, metadata=metadata, items=[item_to_proto(i) for i in items],
-            request_id=request_id), request_id)
+            request_id=idempotency_key), request_id)
         return conversation_json(reply.conversation)
 
     async def get(self, tenant: str, conversation_id: str, request_id: str = ""
@@ -99,7 +99,7 @@ class ConversationService:
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     async def create_items(self, tenant: str, conversation_id: str, body: dict[str, Any],
-                           request_id: str) -> dict[str, Any]:
+                           idempotency_key: str, request_id: str = "") -> dict[str, Any]:
         if "items" not in body:
             raise invalid("items", "Missing required parameter: 'items'.")
         items = _items(body["items"], "items")
@@ -109,7 +109,7 @@ class ConversationService:
                                         hpb.CreateConversationItemsRequest(
                                             tenant=tenant, conversation_id=conversation_id,
                                             items=[item_to_proto(i) for i in items],
-                                            request_id=request_id), request_id)
+                                            request_id=idempotency_key), request_id)
         return list_page([item_from_proto(i) for i in reply.items], False)
 
     async def list_items(self, tenant: str, conversation_id: str, after: str | None,

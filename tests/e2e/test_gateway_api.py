@@ -174,3 +174,169 @@ def test_storage_unavailable_is_503_with_retry_after(suite: Suite) -> None:
         assert reply.json()["error"]["code"] == "storage_unavailable"
         with pytest.raises(openai.InternalServerError):
             sdk(url).conversations.create()
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+FRANCE = "What is the capital of France?"
+
+
+def _prompt_tokens(suite: Suite, messages: list[dict]) -> int:
+    """The prompt length the tokenizer service renders for these messages."""
+    import grpc
+    from google.protobuf import struct_pb2
+    from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
+    from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc as tok_grpc
+
+    from services.common.net import CHANNEL_OPTIONS
+
+    structs = []
+    for message in messages:
+        struct = struct_pb2.Struct()
+        struct.update(message)
+        structs.append(struct)
+    with grpc.insecure_channel(f"127.0.0.1:{suite.ports['tokenizer']}",
+                               options=CHANNEL_OPTIONS) as channel:
+        reply = tok_grpc.TokenizerServiceStub(channel).RenderChat(
+            tok_pb.RenderChatRequest(model=MODEL, messages=structs))
+    return len(reply.token_ids)
+
+
+def test_response_non_stream(client: openai.OpenAI, suite: Suite) -> None:
+    r = client.responses.create(model=MODEL, input=FRANCE, temperature=0, max_output_tokens=10)
+    assert r.id.startswith("resp_") and r.object == "response" and r.status == "completed"
+    assert "Paris" in r.output_text
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+    assert r.usage.input_tokens == _prompt_tokens(suite, [{"role": "user", "content": FRANCE}])
+    assert 0 < r.usage.output_tokens <= 10
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+    again = client.responses.retrieve(r.id)
+    assert again.output_text == r.output_text and again.usage.input_tokens == r.usage.input_tokens
+    items = client.responses.input_items.list(r.id)
+    assert [i.role for i in items.data] == ["user"]
+    assert items.data[0].content[0].text == FRANCE
+
+    deleted = client.responses.delete(r.id)
+    assert deleted is None  # the SDK returns nothing for a delete
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+
+
+def test_response_stream_events(client: openai.OpenAI, base_url: str) -> None:
+    whole = client.responses.create(model=MODEL, input=FRANCE, temperature=0,
+                                    max_output_tokens=10, store=False)
+    events = list(client.responses.create(model=MODEL, input=FRANCE, temperature=0,
+                                          max_output_tokens=10, stream=True, store=False))
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    terminal = [t for t in types if t in ("response.completed", "response.failed",
+                                          "response.incomplete")]
+    assert terminal == ["response.completed"] and types[-1] == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text
+    done = [e for e in events if e.type == "response.output_text.done"]
+    assert len(done) == 1 and done[0].text == text
+    final = events[-1].response
+    assert final.usage is not None and final.usage.output_tokens > 0
+    assert final.output_text == text
+    # On the wire: typed event lines, and no [DONE] sentinel.
+    raw = httpx.post(f"{base_url}/v1/responses", trust_env=False, timeout=60, json={
+        "model": MODEL, "input": FRANCE, "max_output_tokens": 4, "stream": True,
+        "store": False}).text
+    assert raw.startswith("event: response.created\ndata: {")
+    assert "[DONE]" not in raw
+    # store=false: nothing to retrieve.
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(whole.id)
+
+
+def test_response_incomplete_at_max_output_tokens(client: openai.OpenAI) -> None:
+    r = client.responses.create(model=MODEL, input="Tell me a long story.", temperature=0,
+                                max_output_tokens=3)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 3
+    events = list(client.responses.create(model=MODEL, input="Tell me a long story.",
+                                          temperature=0, max_output_tokens=3, stream=True))
+    assert events[-1].type == "response.incomplete"
+
+
+def test_response_chain_across_gateway_restart(suite: Suite) -> None:
+    with gateway(suite) as url:
+        first = sdk(url).responses.create(model=MODEL, input="My name is Ada.", temperature=0,
+                                          max_output_tokens=8,
+                                          instructions="You are terse.")
+    with gateway(suite) as url:  # a new process: everything it knows comes from history
+        client = sdk(url)
+        assert client.responses.retrieve(first.id).output_text == first.output_text
+        second = client.responses.create(model=MODEL, input="What is my name?", temperature=0,
+                                         max_output_tokens=8,
+                                         previous_response_id=first.id)
+        third = client.responses.create(model=MODEL, input="And again?", temperature=0,
+                                        max_output_tokens=4, previous_response_id=second.id)
+    # Instructions are not inherited; the chain's items are.
+    expected = [{"role": "user", "content": "My name is Ada."},
+                {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "What is my name?"}]
+    assert second.usage.input_tokens == _prompt_tokens(suite, expected)
+    assert second.previous_response_id == first.id
+    expected += [{"role": "assistant", "content": second.output_text},
+                 {"role": "user", "content": "And again?"}]
+    assert third.usage.input_tokens == _prompt_tokens(suite, expected)
+
+
+def test_response_in_conversation(client: openai.OpenAI, suite: Suite) -> None:
+    conv = client.conversations.create(items=[{"role": "user", "content": "Hi, I am Bob."},
+                                              {"role": "assistant", "content": "Hello Bob!"}])
+    r = client.responses.create(model=MODEL, input="What is my name?", temperature=0,
+                                max_output_tokens=12, conversation=conv.id)
+    assert r.conversation.id == conv.id
+    expected = [{"role": "user", "content": "Hi, I am Bob."},
+                {"role": "assistant", "content": "Hello Bob!"},
+                {"role": "user", "content": "What is my name?"}]
+    assert r.usage.input_tokens == _prompt_tokens(suite, expected)
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert [i.role for i in items] == ["user", "assistant", "user", "assistant"]
+    assert items[-1].content[0].text == r.output_text
+
+
+def test_background_response_and_cancel(client: openai.OpenAI) -> None:
+    done = client.responses.create(model=MODEL, input=FRANCE, temperature=0,
+                                   max_output_tokens=8, background=True)
+    assert done.status in ("queued", "in_progress") and done.background is True
+    deadline = time.monotonic() + 60
+    while client.responses.retrieve(done.id).status == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    finished = client.responses.retrieve(done.id)
+    assert finished.status in ("completed", "incomplete") and finished.usage.output_tokens > 0
+
+    long = client.responses.create(model=MODEL, input="Count from one to a thousand.",
+                                   max_output_tokens=2000, background=True,
+                                   extra_body={"ignore_eos": True})
+    time.sleep(0.5)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled"
+    assert client.responses.retrieve(long.id).status == "cancelled"
+    foreground = client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(foreground.id)
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"input": "hi", "previous_response_id": "resp_missing"}, 404, None),
+    ({"input": "hi", "previous_response_id": "resp_x", "conversation": "conv_x"}, 400,
+     "previous_response_id"),
+    ({"input": "hi", "background": True, "store": False}, 400, "background"),
+    ({"input": 5}, 400, "input"),
+    ({"input": [{"role": "wizard", "content": "x"}]}, 400, "input[0].role"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
+    ({"input": "hi", "max_output_tokens": 100000}, 400, "max_output_tokens"),
+    ({"input": "hi", "temperature": 5}, 400, "temperature"),
+])
+def test_response_errors(base_url: str, body: dict, status: int, param: str | None) -> None:
+    reply = httpx.post(f"{base_url}/v1/responses", json={"model": MODEL, **body},
+                       trust_env=False, timeout=30)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["param"] == param
