@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from services.common.config import ServiceConfig, option
-from services.router.policies import POLICY_NAMES
+from services.router.policies import POLICY_NAMES, PolicyConfig
+from services.router.resilience import CircuitBreakerConfig, RetryConfig
 
 
 @dataclass
@@ -18,6 +19,25 @@ class RouterConfig(ServiceConfig):
     worker_urls: list[str] = option([], help="Workers to register at start-up (grpc://host:port).")
     policy: str = option("round_robin", help="Load-balancing policy.",
                          metadata={"choices": POLICY_NAMES})
+    cache_threshold: float = option(
+        0.3, help="cache_aware: share of the prompt that must be cached on some worker for the "
+                  "request to follow the cache (else it goes to the least-loaded worker).")
+    balance_abs_threshold: float = option(
+        64, help="cache_aware: spill to the least-loaded worker when the chosen one has more "
+                 "than mean + this many requests in flight (and the relative threshold holds).")
+    balance_rel_threshold: float = option(
+        1.5, help="cache_aware: ... and more than this times the mean in flight.")
+    max_tree_size: int = option(
+        2 ** 26, help="cache_aware: tokens kept in each model's radix tree (LRU eviction).")
+    eviction_interval_secs: float = option(
+        60.0, help="cache_aware: seconds between radix-tree evictions.")
+    prefix_token_count: int = option(256, help="prefix_hash: leading tokens hashed.")
+    prefix_hash_load_factor: float = option(
+        1.25, help="prefix_hash: the ring's pick is overloaded above this times the mean load.")
+    prefix_hash_balance_abs_threshold: float = option(
+        10, help="prefix_hash: ... and more than this many requests above the least loaded.")
+    max_idle_secs: float = option(
+        14400.0, help="manual: a routing key idle this long forgets its worker.")
     health_check_interval_secs: float = option(10.0, help="Seconds between health checks.")
     health_check_timeout_secs: float = option(
         10.0, help="Seconds a deep HealthCheck may take before it counts as a failure.")
@@ -28,6 +48,46 @@ class RouterConfig(ServiceConfig):
     worker_startup_timeout_secs: float = option(
         300.0, help="How long registration waits for a worker to answer GetModelInfo.")
     abort_timeout_secs: float = option(5.0, help="Timeout of the Abort sent on cancellation.")
+    remove_unhealthy_workers: bool = option(
+        False, help="Remove a worker that stays unhealthy (not ready for 3x, or pending for 10x "
+                    "--health-failure-threshold consecutive failed checks); SMG's "
+                    "--remove-unhealthy-workers.")
+    load_monitor_interval: float = option(
+        10.0, help="Seconds between GetLoads polls (skipped for workers whose KV-event stream "
+                   "pushes their load).")
+    disable_load_monitoring: bool = option(False, help="Do not poll workers' GetLoads.")
+
+    # admission (SMG names and defaults)
+    max_concurrent_requests: int = option(
+        -1, help="Requests in flight at once (-1 = 1024 per core, at least 4096; 0 = no limit). "
+                 "A request holds its slot until its stream ends.")
+    queue_size: int = option(
+        100, help="Requests that may wait (FIFO) for a slot; beyond it RESOURCE_EXHAUSTED (429).")
+    queue_timeout_secs: float = option(
+        60.0, help="Seconds a queued request waits for a slot before UNAVAILABLE (503).")
+    rate_limit_tokens_per_second: float = option(
+        0.0, help="Admissions per second (token bucket, burst = max(1, rate)); 0 = unlimited.")
+
+    # retries (SMG defaults)
+    retry_max_retries: int = option(
+        5, help="Retries of a request that failed before its first token (new worker each).")
+    retry_initial_backoff_ms: float = option(50.0, help="Backoff before the first retry (ms).")
+    retry_max_backoff_ms: float = option(30000.0, help="Cap on the backoff between retries (ms).")
+    retry_backoff_multiplier: float = option(1.5, help="Backoff growth per retry.")
+    retry_jitter_factor: float = option(
+        0.2, help="Uniform jitter as a fraction of the backoff (0.2 = +-20%%).")
+    disable_retries: bool = option(False, help="Never retry a failed request.")
+
+    # circuit breaker (SMG defaults)
+    cb_failure_threshold: int = option(
+        10, help="Consecutive failures that open a worker's circuit breaker.")
+    cb_success_threshold: int = option(
+        3, help="Consecutive successes that close a half-open breaker.")
+    cb_timeout_duration_secs: float = option(
+        60.0, help="Seconds an open breaker waits before letting trial requests through.")
+    cb_window_duration_secs: float = option(
+        120.0, help="Failure window (accepted for SMG compatibility; unused, as in SMG).")
+    disable_circuit_breaker: bool = option(False, help="Never open circuit breakers.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,3 +95,63 @@ class RouterConfig(ServiceConfig):
             raise ValueError("--health-check-interval-secs must be positive")
         if self.health_success_threshold < 1 or self.health_failure_threshold < 1:
             raise ValueError("--health-success-threshold/--health-failure-threshold must be >= 1")
+        if self.retry_max_retries < 0:
+            raise ValueError("--retry-max-retries must be >= 0")
+        if self.retry_initial_backoff_ms < 0 or self.retry_max_backoff_ms < 0:
+            raise ValueError("--retry-initial-backoff-ms/--retry-max-backoff-ms must be >= 0")
+        if self.retry_backoff_multiplier < 1:
+            raise ValueError("--retry-backoff-multiplier must be >= 1")
+        if not 0 <= self.retry_jitter_factor <= 1:
+            raise ValueError("--retry-jitter-factor must be between 0 and 1")
+        if self.cb_failure_threshold < 1 or self.cb_success_threshold < 1:
+            raise ValueError("--cb-failure-threshold/--cb-success-threshold must be >= 1")
+        if self.cb_timeout_duration_secs < 0:
+            raise ValueError("--cb-timeout-duration-secs must be >= 0")
+        if self.max_concurrent_requests < -1:
+            raise ValueError("--max-concurrent-requests must be -1 (auto), 0 (off) or positive")
+        if self.queue_size < 0:
+            raise ValueError("--queue-size must be >= 0")
+        if self.queue_timeout_secs <= 0:
+            raise ValueError("--queue-timeout-secs must be positive")
+        if self.rate_limit_tokens_per_second < 0:
+            raise ValueError("--rate-limit-tokens-per-second must be >= 0")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError("--cache-threshold must be between 0 and 1")
+        if self.balance_rel_threshold < 1 or self.balance_abs_threshold < 0:
+            raise ValueError("--balance-rel-threshold must be >= 1 and "
+                             "--balance-abs-threshold >= 0")
+        if self.max_tree_size < 1:
+            raise ValueError("--max-tree-size must be >= 1")
+        if self.eviction_interval_secs <= 0:
+            raise ValueError("--eviction-interval-secs must be positive")
+        if self.prefix_token_count < 1:
+            raise ValueError("--prefix-token-count must be >= 1")
+        if self.load_monitor_interval <= 0:
+            raise ValueError("--load-monitor-interval must be positive")
+
+    @property
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            cache_threshold=self.cache_threshold,
+            balance_abs_threshold=self.balance_abs_threshold,
+            balance_rel_threshold=self.balance_rel_threshold, max_tree_size=self.max_tree_size,
+            prefix_token_count=self.prefix_token_count,
+            prefix_hash_load_factor=self.prefix_hash_load_factor,
+            prefix_hash_balance_abs_threshold=self.prefix_hash_balance_abs_threshold,
+            max_idle_secs=self.max_idle_secs)
+
+    @property
+    def retry(self) -> RetryConfig:
+        return RetryConfig(
+            max_retries=self.retry_max_retries, initial_backoff_ms=self.retry_initial_backoff_ms,
+            max_backoff_ms=self.retry_max_backoff_ms,
+            backoff_multiplier=self.retry_backoff_multiplier,
+            jitter_factor=self.retry_jitter_factor, enabled=not self.disable_retries)
+
+    @property
+    def circuit_breaker(self) -> CircuitBreakerConfig:
+        return CircuitBreakerConfig(
+            failure_threshold=self.cb_failure_threshold,
+            success_threshold=self.cb_success_threshold,
+            timeout_secs=self.cb_timeout_duration_secs, window_secs=self.cb_window_duration_secs,
+            enabled=not self.disable_circuit_breaker)

@@ -1,17 +1,31 @@
 """Load-balancing policies: one ``select_worker(workers, info)`` interface (as in SMG).
 
-A policy gets the routable workers of one model and picks one, or None when none fits.
+A policy instance serves one model (and one PD leg). It gets the *routable* workers of that
+model (healthy, circuit breaker not open) and picks one, or None when none fits. Hooks:
+``on_worker_removed`` (forget a worker), ``maintenance`` (periodic: tree eviction).
+
+Policies: round_robin, random, power_of_two, cache_aware (approximate radix tree; precise when
+a KV-event index is attached, see :mod:`services.router.kv_index`), consistent_hashing,
+manual (sticky table), prefix_hash.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import itertools
 import random
-from collections.abc import Sequence
+import time
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from services.router.radix_tree import RadixTree
 from services.router.workers import Worker
+
+if TYPE_CHECKING:
+    from services.router.kv_index import KvIndex
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,21 @@ class SelectionInfo:
     request_id: str = ""
 
 
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Policy knobs (SMG flag names and defaults)."""
+
+    cache_threshold: float = 0.3
+    balance_abs_threshold: float = 64
+    balance_rel_threshold: float = 1.5
+    max_tree_size: int = 2 ** 26
+    virtual_nodes: int = 150
+    prefix_token_count: int = 256
+    prefix_hash_load_factor: float = 1.25
+    prefix_hash_balance_abs_threshold: float = 10
+    max_idle_secs: float = 4 * 3600.0
+
+
 class LoadBalancingPolicy(Protocol):
     name: str
 
@@ -30,13 +59,57 @@ class LoadBalancingPolicy(Protocol):
         """Picks one of ``workers`` (all routable, one model) or None."""
         ...
 
+    def on_worker_removed(self, worker: Worker) -> None:
+        """Forgets whatever the policy keeps about ``worker``."""
+        ...
 
-class RoundRobinPolicy:
+    def maintenance(self) -> None:
+        """Periodic upkeep (eviction); cheap when there is nothing to do."""
+        ...
+
+
+class PolicyBase:
+    """No-op hooks for policies that keep no per-worker state."""
+
+    name = ""
+
+    def __init__(self, config: PolicyConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config or PolicyConfig()
+        self._rng = rng or random.Random()
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        return None
+
+    def maintenance(self) -> None:
+        return None
+
+
+def least_loaded(workers: Sequence[Worker]) -> Worker | None:
+    """Min by ``(load, processed, position)`` (SMG #1714): spreads ties instead of piling on
+    the first worker, and is deterministic for replicas that saw the same traffic."""
+    best: Worker | None = None
+    best_key: tuple[int, int] | None = None
+    for worker in workers:
+        key = (worker.load, worker.processed)
+        if best_key is None or key < best_key:
+            best, best_key = worker, key
+    return best
+
+
+def stable_hash(data: bytes) -> int:
+    """A 64-bit hash that is the same in every process (router replicas agree)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+class RoundRobinPolicy(PolicyBase):
     """Cycles through the workers in url order."""
 
     name = "round_robin"
 
-    def __init__(self) -> None:
+    def __init__(self, config: PolicyConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(config, rng)
         self._counter = itertools.count()
 
     def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
@@ -45,25 +118,19 @@ class RoundRobinPolicy:
         return workers[next(self._counter) % len(workers)]
 
 
-class RandomPolicy:
+class RandomPolicy(PolicyBase):
     """Picks uniformly at random."""
 
     name = "random"
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
 
     def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
         return self._rng.choice(list(workers)) if workers else None
 
 
-class PowerOfTwoPolicy:
+class PowerOfTwoPolicy(PolicyBase):
     """Samples two workers and keeps the one with fewer in-flight requests."""
 
     name = "power_of_two"
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
 
     def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
         if not workers:
@@ -71,17 +138,254 @@ class PowerOfTwoPolicy:
         if len(workers) == 1:
             return workers[0]
         a, b = self._rng.sample(list(workers), 2)
-        return a if a.in_flight <= b.in_flight else b
+        return a if a.load <= b.load else b
 
 
-_POLICIES: dict[str, type] = {
-    p.name: p for p in (RoundRobinPolicy, RandomPolicy, PowerOfTwoPolicy)
+class HashRing:
+    """``virtual_nodes`` points per worker url on a 64-bit ring; lookup walks clockwise."""
+
+    def __init__(self, urls: Sequence[str], virtual_nodes: int) -> None:
+        points = sorted(
+            (stable_hash(f"{url}#{i}".encode()), url) for url in urls for i in range(virtual_nodes)
+        )
+        self._hashes = [h for h, _ in points]
+        self._urls = [u for _, u in points]
+
+    def lookup(self, key_hash: int, allowed: Callable[[str], bool] | None = None) -> str | None:
+        if not self._hashes:
+            return None
+        start = bisect.bisect_left(self._hashes, key_hash)
+        n = len(self._hashes)
+        for step in range(n):
+            url = self._urls[(start + step) % n]
+            if allowed is None or allowed(url):
+                return url
+        return None
+
+
+class ConsistentHashingPolicy(PolicyBase):
+    """Sticky by routing key through a hash ring of the routable workers (150 virtual nodes
+    each): a key moves only when its worker leaves the routable set (unhealthy, breaker open,
+    removed) or, for ~1/n of keys, when a worker joins. No key -> random."""
+
+    name = "consistent_hashing"
+
+    def __init__(self, config: PolicyConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(config, rng)
+        self._ring: HashRing | None = None
+        self._ring_urls: frozenset[str] = frozenset()
+
+    def _ring_for(self, workers: Sequence[Worker]) -> HashRing:
+        urls = frozenset(w.url for w in workers)
+        if self._ring is None or urls != self._ring_urls:
+            self._ring = HashRing(sorted(urls), self.config.virtual_nodes)
+            self._ring_urls = urls
+        return self._ring
+
+    def key_of(self, info: SelectionInfo) -> bytes | None:
+        return info.routing_key.encode() if info.routing_key else None
+
+    def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
+        if not workers:
+            return None
+        key = self.key_of(info)
+        if key is None:
+            return self._rng.choice(list(workers))
+        url = self._ring_for(workers).lookup(stable_hash(key))
+        return next((w for w in workers if w.url == url), None)
+
+
+class ManualPolicy(PolicyBase):
+    """SMG's ``manual``: a routing key is pinned to the worker it was first given (the least
+    loaded then) and stays there while that worker is routable, even when workers are added;
+    it is re-assigned only when its worker is not routable. Idle keys expire after
+    ``max_idle_secs``. No key -> random."""
+
+    name = "manual"
+
+    def __init__(self, config: PolicyConfig | None = None,
+                 rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(config, rng)
+        self._clock = clock
+        self._pins: dict[str, tuple[str, float]] = {}
+
+    def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
+        if not workers:
+            return None
+        if not info.routing_key:
+            return self._rng.choice(list(workers))
+        now = self._clock()
+        pinned = self._pins.get(info.routing_key)
+        if pinned is not None:
+            worker = next((w for w in workers if w.url == pinned[0]), None)
+            if worker is not None:
+                self._pins[info.routing_key] = (worker.url, now)
+                return worker
+        worker = least_loaded(workers)
+        assert worker is not None
+        self._pins[info.routing_key] = (worker.url, now)
+        return worker
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        self._pins = {k: v for k, v in self._pins.items() if v[0] != worker.url}
+
+    def maintenance(self) -> None:
+        cutoff = self._clock() - self.config.max_idle_secs
+        self._pins = {k: v for k, v in self._pins.items() if v[1] >= cutoff}
+
+    @property
+    def pinned_keys(self) -> int:
+        return len(self._pins)
+
+
+class PrefixHashPolicy(ConsistentHashingPolicy):
+    """Hashes the first ``prefix_token_count`` prompt tokens onto the ring (a light alternative
+    to the radix tree); when the ring's pick is overloaded (load > ``load_factor`` x mean and
+    more than ``balance_abs`` above the least loaded), the least-loaded worker instead."""
+
+    name = "prefix_hash"
+
+    def key_of(self, info: SelectionInfo) -> bytes | None:
+        if not info.token_ids:
+            return None
+        head = array("I", info.token_ids[: self.config.prefix_token_count])
+        return head.tobytes()
+
+    def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
+        worker = super().select_worker(workers, info)
+        if worker is None or len(workers) < 2:
+            return worker
+        mean = sum(w.load for w in workers) / len(workers)
+        lightest = least_loaded(workers)
+        assert lightest is not None
+        if (worker.load > self.config.prefix_hash_load_factor * mean
+                and worker.load - lightest.load > self.config.prefix_hash_balance_abs_threshold):
+            return lightest
+        return worker
+
+
+@dataclass
+class CacheAwareStats:
+    hits: int = 0
+    misses: int = 0
+    spills: int = 0
+
+
+class CacheAwarePolicy(PolicyBase):
+    """SMG's cache_aware.
+
+    Approximate mode (no KV events): one token radix tree per model records which worker was
+    sent which prompt. ``match_rate = matched / len(prompt)``; above ``cache_threshold`` the
+    least-loaded worker among those holding the match is chosen, else (a miss) the least-loaded
+    worker of all. Then the per-request spill gate (SMG 1.13): if the choice's load exceeds
+    ``balance_rel_threshold`` x mean *and* mean + ``balance_abs_threshold``, the least-loaded
+    worker takes it instead (and becomes a new holder of the prefix). The prompt is then
+    inserted for the chosen worker. ``maintenance`` evicts LRU entries down to
+    ``max_tree_size`` tokens; a removed worker is purged from the tree.
+
+    Precise mode (``kv_index`` attached): for workers whose KV events are live, the cached
+    prefix length comes from the block index fed by those events instead of the tree; the
+    worker with the longest cached prefix wins, ties -> least loaded; no overlap -> least
+    loaded; the same spill gate applies. Workers without events (UNIMPLEMENTED) keep using the
+    approximate tree.
+    """
+
+    name = "cache_aware"
+
+    def __init__(self, config: PolicyConfig | None = None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(config, rng)
+        self.tree = RadixTree()
+        self.kv_index: KvIndex | None = None
+        self.stats = CacheAwareStats()
+        self._clock = clock
+
+    def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
+        if not workers:
+            return None
+        tokens = array("I", info.token_ids)
+        if not tokens:
+            return least_loaded(workers)
+        precise = self.kv_index is not None and any(
+            self.kv_index.is_live(w.url) for w in workers)
+        if precise:
+            chosen, hit = self._select_precise(workers, tokens)
+        else:
+            chosen, hit = self._select_approximate(workers, tokens)
+        if hit:
+            self.stats.hits += 1
+        else:
+            self.stats.misses += 1
+        chosen = self._spill(workers, chosen)
+        self.tree.insert(tokens, chosen.url, self._clock())
+        return chosen
+
+    def _select_approximate(self, workers: Sequence[Worker], tokens: array
+                            ) -> tuple[Worker, bool]:
+        match = self.tree.prefix_match(tokens)
+        if match.matched / len(tokens) > self.config.cache_threshold:
+            holders = [w for w in workers if w.url in match.tenants]
+            if holders:
+                chosen = least_loaded(holders)
+                assert chosen is not None
+                return chosen, True
+        chosen = least_loaded(workers)
+        assert chosen is not None
+        return chosen, False
+
+    def _select_precise(self, workers: Sequence[Worker], tokens: array) -> tuple[Worker, bool]:
+        assert self.kv_index is not None
+        cached = self.kv_index.match(tokens, [w.url for w in workers if
+                                              self.kv_index.is_live(w.url)])
+        # Workers without live events are scored from the approximate tree.
+        tree_scores = self.tree.match_per_tenant(tokens)
+        best: Worker | None = None
+        best_key: tuple[int, int, int] | None = None
+        for worker in workers:
+            score = (cached.get(worker.url, 0) if self.kv_index.is_live(worker.url)
+                     else tree_scores.get(worker.url, 0))
+            key = (-score, worker.load, worker.processed)
+            if best_key is None or key < best_key:
+                best, best_key = worker, key
+        assert best is not None and best_key is not None
+        return best, best_key[0] < 0
+
+    def _spill(self, workers: Sequence[Worker], chosen: Worker) -> Worker:
+        if len(workers) < 2:
+            return chosen
+        mean = sum(w.load for w in workers) / len(workers)
+        if (chosen.load > mean * self.config.balance_rel_threshold
+                and chosen.load > mean + self.config.balance_abs_threshold):
+            lightest = least_loaded(workers)
+            if lightest is not None and lightest is not chosen:
+                self.stats.spills += 1
+                return lightest
+        return chosen
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        self.tree.remove_tenant(worker.url)
+
+    def maintenance(self) -> None:
+        self.tree.evict(self.config.max_tree_size)
+
+
+_POLICIES: dict[str, type[PolicyBase]] = {
+    p.name: p for p in (RoundRobinPolicy, RandomPolicy, PowerOfTwoPolicy, CacheAwarePolicy,
+                        ConsistentHashingPolicy, ManualPolicy, PrefixHashPolicy)
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 
 
-def create_policy(name: str) -> LoadBalancingPolicy:
+def create_policy(name: str, config: PolicyConfig | None = None,
+                  rng: random.Random | None = None) -> LoadBalancingPolicy:
     try:
-        return _POLICIES[name]()  # type: ignore[no-any-return]
+        cls = _POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}") from None
+    return cls(config, rng)  # type: ignore[return-value]
+
+
+__all__ = ["SelectionInfo", "PolicyConfig", "LoadBalancingPolicy", "create_policy",
+           "POLICY_NAMES", "least_loaded", "stable_hash", "HashRing"]

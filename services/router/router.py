@@ -1,19 +1,42 @@
-"""The router's core: registry + policies + worker clients + health checking + jobs.
+"""The router's core: registry + policies + worker clients + health checking + jobs + dispatch.
 
-Transport-free except for holding each worker's client; ``server.py`` maps gRPC onto this.
+Transport-free except for holding each worker's client (whose failures arrive as
+``UpstreamError``); ``server.py`` maps gRPC onto this.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from services.common.errors import ErrorCode, ServiceError
 from services.common.net import strip_scheme
+from services.router.admission import Admission, auto_max_concurrent
 from services.router.config import RouterConfig
 from services.router.jobs import Job, JobKind, JobQueue
-from services.router.policies import LoadBalancingPolicy, SelectionInfo, create_policy
+from services.router.kv_index import KvIndex
+from services.router.kv_sync import KvSubscription
+from services.router.policies import (
+    CacheAwarePolicy,
+    LoadBalancingPolicy,
+    SelectionInfo,
+    create_policy,
+)
+from services.router.resilience import (
+    CircuitBreaker,
+    CircuitState,
+    Outcome,
+    UpstreamError,
+    backoff_secs,
+    classify,
+)
 from services.router.worker_client import WorkerClient
 from services.router.workers import Health, Worker, WorkerRegistry, WorkerType
 
@@ -27,18 +50,62 @@ def normalize_url(url: str) -> str:
     return "grpc://" + strip_scheme(url)
 
 
+def _apply_server_args(worker: Worker, args: dict[str, object]) -> None:
+    """dp size and PD bootstrap port from GetServerInfo's server_args (when present)."""
+    for key in ("dp_size", "data_parallel_size"):
+        value = args.get(key)
+        if isinstance(value, int | float) and value >= 1:
+            worker.dp_size = int(value)
+            break
+    mode = args.get("disaggregation_mode")
+    if worker.worker_type is WorkerType.REGULAR and mode in ("prefill", "decode"):
+        worker.worker_type = WorkerType(mode)
+    port = args.get("disaggregation_bootstrap_port", args.get("bootstrap_port"))
+    if worker.bootstrap_port is None and isinstance(port, int | float) and port > 0:
+        worker.bootstrap_port = int(port)
+
+
+@dataclass
+class RequestHints:
+    """What the caller said about a request besides the request itself (gRPC metadata)."""
+
+    model: str = ""
+    routing_key: str = ""
+    target_worker: str = ""
+    forward: tuple[tuple[str, str], ...] = ()  # metadata relayed to the worker as is
+
+
+@dataclass
+class DispatchState:
+    """How one request was served; filled in as it goes (read by the transport and metrics)."""
+
+    worker: Worker | None = None
+    attempts: int = 0
+    tried: list[str] = field(default_factory=list)
+    first_token_time: float | None = None
+
+
 class Router:
     def __init__(self, config: RouterConfig,
-                 client_factory: Callable[[str], WorkerClient] = WorkerClient) -> None:
+                 client_factory: Callable[[str], WorkerClient] = WorkerClient,
+                 rng: random.Random | None = None) -> None:
         self.config = config
         self.registry = WorkerRegistry()
         self.jobs = JobQueue()
         self._client_factory = client_factory
         self._clients: dict[str, WorkerClient] = {}
-        self._policies: dict[str, LoadBalancingPolicy] = {}
+        self._policies: dict[tuple[str, WorkerType], LoadBalancingPolicy] = {}
         self._in_flight: dict[str, Worker] = {}
-        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
+        self._rng = rng or random.Random()
+        self.kv_indexes: dict[str, KvIndex] = {}
+        self.kv_subscriptions: dict[str, tuple[KvSubscription, asyncio.Task[None]]] = {}
+        self.admission = Admission(
+            max_concurrent=(auto_max_concurrent() if config.max_concurrent_requests == -1
+                            else config.max_concurrent_requests),
+            queue_size=config.queue_size, queue_timeout=config.queue_timeout_secs,
+            rate=config.rate_limit_tokens_per_second)
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -46,32 +113,45 @@ class Router:
         self.jobs.start()
         for url in self.config.worker_urls:
             self.submit_add_worker(url)
-        self._health_task = asyncio.create_task(self._health_loop(), name="router-health")
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
+        self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="router-evict"))
+        if not self.config.disable_load_monitoring:
+            self._tasks.append(asyncio.create_task(self._load_loop(), name="router-loads"))
 
     async def stop(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         await self.jobs.stop()
+        for url in list(self.kv_subscriptions):
+            await self._stop_kv(url)
         for client in self._clients.values():
             await client.close()
 
     # control plane -----------------------------------------------------------------------
 
     def submit_add_worker(self, url: str, worker_type: WorkerType = WorkerType.REGULAR,
-                          labels: dict[str, str] | None = None, model_id: str = "") -> Job:
+                          labels: dict[str, str] | None = None, model_id: str = "",
+                          bootstrap_port: int | None = None) -> Job:
         url = normalize_url(url)
         return self.jobs.submit(
             JobKind.ADD_WORKER, url,
-            lambda: self._add_worker(url, worker_type, labels or {}, model_id),
+            lambda: self._add_worker(url, worker_type, labels or {}, model_id, bootstrap_port),
         )
 
     def submit_remove_worker(self, url: str) -> Job:
         url = normalize_url(url)
         return self.jobs.submit(JobKind.REMOVE_WORKER, url, lambda: self._remove_worker(url))
 
+    def _new_breaker(self) -> CircuitBreaker:
+        return CircuitBreaker(self.config.circuit_breaker, on_transition=self._on_breaker)
+
+    def _on_breaker(self, breaker: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+        log.warning("circuit breaker %s -> %s", old.value, new.value)
+
     async def _add_worker(self, url: str, worker_type: WorkerType, labels: dict[str, str],
-                          model_id: str) -> str:
+                          model_id: str, bootstrap_port: int | None = None) -> str:
         if self.registry.get(url):
             raise ValueError(f"worker {url} is already registered")
         client = self._client_factory(url)
@@ -82,10 +162,16 @@ class Router:
             raise RuntimeError(f"worker {url} did not answer GetModelInfo: {exc}") from exc
         if model_id:
             card.model_id = model_id
-        worker = Worker(url=url, card=card, worker_type=worker_type, labels=labels)
+        server_args = await client.server_info(timeout=self.config.health_check_timeout_secs)
+        worker = Worker(url=url, card=card, worker_type=worker_type, labels=labels,
+                        bootstrap_port=bootstrap_port, breaker=self._new_breaker())
+        _apply_server_args(worker, server_args)
+        worker_type = worker.worker_type
         self.registry.add(worker)
         self._clients[url] = client
-        self._policies.setdefault(card.model_id, create_policy(self.config.policy))
+        policy = self.policy_for(card.model_id, worker_type)
+        if isinstance(policy, CacheAwarePolicy):
+            self._start_kv(worker, policy, server_args.get("kv_events"))
         await self._check(worker)
         log.info("registered %s serving %s (%s)", url, card.model_id, worker.health.value)
         return f"registered, model {card.model_id}, {worker.health.value}"
@@ -94,26 +180,56 @@ class Router:
         worker = self.registry.remove(url)
         if worker is None:
             raise ValueError(f"worker {url} is not registered")
+        policy = self._policies.get((worker.model_id, worker.worker_type))
+        if policy is not None:
+            policy.on_worker_removed(worker)
+        await self._stop_kv(url)
         client = self._clients.pop(url)
         # In-flight calls keep their own reference to the channel; close once they drain.
         while worker.in_flight:
             await asyncio.sleep(0.05)
         await client.close()
-        if not self.registry.for_model(worker.model_id):
-            self._policies.pop(worker.model_id, None)
+        if not any(w.worker_type is worker.worker_type
+                   for w in self.registry.for_model(worker.model_id)):
+            self._policies.pop((worker.model_id, worker.worker_type), None)
         return "removed"
+
+    def _start_kv(self, worker: Worker, policy: CacheAwarePolicy, descriptor: object) -> None:
+        """Precise cache_aware: follow the worker's KV events (UNIMPLEMENTED -> approximate)."""
+        index = self.kv_indexes.setdefault(worker.model_id, KvIndex())
+        policy.kv_index = index
+        if isinstance(descriptor, dict) and not index.block_size:
+            index.block_size = int(descriptor.get("block_size") or 0)
+        client = self._clients[worker.url]
+        sub = KvSubscription(worker, index, client.kv_events)
+        task = asyncio.create_task(sub.run(), name=f"kv-events {worker.url}")
+        self.kv_subscriptions[worker.url] = (sub, task)
+
+    async def _stop_kv(self, url: str) -> None:
+        entry = self.kv_subscriptions.pop(url, None)
+        if entry is None:
+            return
+        sub, task = entry
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sub.index.drop_worker(url)
+
+    def policy_name(self, worker_type: WorkerType) -> str:
+        return self.config.policy
+
+    def policy_for(self, model_id: str, worker_type: WorkerType = WorkerType.REGULAR
+                   ) -> LoadBalancingPolicy:
+        """The policy of one model (and PD leg); the first worker of a model creates it."""
+        key = (model_id, worker_type)
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = create_policy(
+                self.policy_name(worker_type), self.config.policy_config)
+        return policy
 
     # data plane --------------------------------------------------------------------------
 
-    def select(self, model: str, info: SelectionInfo, target_url: str = "") -> Worker:
-        """The worker for one request, or a ServiceError saying why there is none."""
-        if target_url:
-            worker = self.registry.get(normalize_url(target_url))
-            if worker is None:
-                raise ServiceError(ErrorCode.NOT_FOUND, "WORKER_NOT_FOUND",
-                                   f"target worker {target_url!r} is not registered",
-                                   {"worker": target_url}, DOMAIN)
-            return worker
+    def resolve_model(self, model: str) -> str:
         model_id = self.registry.resolve_model(model)
         if model_id is None:
             if not model and len(self.registry.models()) > 1:
@@ -123,11 +239,35 @@ class Router:
             raise ServiceError(ErrorCode.NOT_FOUND, "MODEL_NOT_FOUND",
                                f"model {model!r} is not served by any worker",
                                {"model": model}, DOMAIN)
-        candidates = [w for w in self.registry.for_model(model_id) if w.is_routable]
-        worker = self._policies[model_id].select_worker(candidates, info) if candidates else None
+        return model_id
+
+    def select(self, model: str, info: SelectionInfo, target_url: str = "",
+               worker_type: WorkerType = WorkerType.REGULAR,
+               exclude: frozenset[str] | set[str] = frozenset()) -> Worker:
+        """The worker for one request, or a ServiceError saying why there is none.
+
+        Only routable workers (healthy, breaker not open) of the model and leg are offered to
+        the policy; ``exclude`` (urls already tried) is honoured while another worker remains.
+        """
+        if target_url:
+            worker = self.registry.get(normalize_url(target_url))
+            if worker is None:
+                raise ServiceError(ErrorCode.NOT_FOUND, "WORKER_NOT_FOUND",
+                                   f"target worker {target_url!r} is not registered",
+                                   {"worker": target_url}, DOMAIN)
+            return worker
+        model_id = self.resolve_model(model)
+        candidates = [w for w in self.registry.for_model(model_id)
+                      if w.is_routable and w.worker_type is worker_type]
+        if exclude:
+            fresh = [w for w in candidates if w.url not in exclude]
+            candidates = fresh or candidates
+        worker = (self.policy_for(model_id, worker_type).select_worker(candidates, info)
+                  if candidates else None)
         if worker is None:
+            leg = "" if worker_type is WorkerType.REGULAR else f" {worker_type.value}"
             raise ServiceError(ErrorCode.UNAVAILABLE, "NO_HEALTHY_WORKER",
-                               f"no healthy worker serves model {model_id!r}",
+                               f"no healthy{leg} worker serves model {model_id!r}",
                                {"model": model_id}, DOMAIN)
         return worker
 
@@ -137,6 +277,89 @@ class Router:
     def any_client(self, model: str) -> tuple[Worker, WorkerClient]:
         worker = self.select(model, SelectionInfo())
         return worker, self.client(worker)
+
+    async def generate(self, request: pb.GenerateRequest, hints: RequestHints,
+                       state: DispatchState | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """Streams one Generate: select, dispatch, retry before the first token, relay.
+
+        A failed attempt is retried on another worker (SMG's backoff with jitter) while its
+        status is retryable, retries are left and nothing has been relayed yet; after that the
+        worker's own status goes to the caller. Load counters and the in-flight map are released
+        however the stream ends; a caller that goes away makes the worker get Abort at once.
+        """
+        state = state if state is not None else DispatchState()
+        with await self.admission.acquire():
+            async with aclosing(self._dispatch(request, hints, state)) as stream:
+                async for response in stream:
+                    yield response
+
+    async def _dispatch(self, request: pb.GenerateRequest, hints: RequestHints,
+                        state: DispatchState) -> AsyncIterator[pb.GenerateResponse]:
+        info = SelectionInfo(token_ids=request.tokenized.input_ids,
+                             routing_key=hints.routing_key, request_id=request.request_id)
+        retry = self.config.retry
+        last: UpstreamError | None = None
+        for attempt in range(retry.max_attempts):
+            if attempt:
+                await asyncio.sleep(backoff_secs(attempt - 1, retry, self._rng))
+            try:
+                worker = self.select(hints.model, info, hints.target_worker,
+                                     exclude=set(state.tried))
+            except ServiceError:
+                if last is not None:  # nobody left to retry on: the worker's error stands
+                    raise last.cause or last from None
+                raise
+            state.worker, state.attempts = worker, attempt + 1
+            state.tried.append(worker.url)
+            relayed = False
+            try:
+                async with aclosing(self._attempt(worker, request, hints)) as stream:
+                    async for response in stream:
+                        if not relayed:
+                            relayed = True
+                            state.first_token_time = time.monotonic()
+                        yield response
+                return
+            except UpstreamError as err:
+                last = err
+                if relayed or not err.retryable or hints.target_worker:
+                    raise err.cause or err from None
+                log.info("request %s: attempt %d on %s failed (%s), %s", request.request_id,
+                         attempt + 1, worker.url, err,
+                         "retrying" if attempt + 1 < retry.max_attempts else "giving up")
+        assert last is not None
+        raise last.cause or last
+
+    async def _attempt(self, worker: Worker, request: pb.GenerateRequest,
+                       hints: RequestHints) -> AsyncIterator[pb.GenerateResponse]:
+        """One dispatch to one worker, with its load guard and breaker outcome."""
+        client = self._clients.get(worker.url)
+        if client is None:
+            raise UpstreamError("UNAVAILABLE", f"worker {worker.url} was removed")
+        finished = False
+        outcome = Outcome.IGNORED
+        if request.request_id:
+            self._in_flight[request.request_id] = worker
+        with worker.track():
+            try:
+                async with aclosing(client.generate(request, hints.forward)) as stream:
+                    async for response in stream:
+                        yield response
+                finished = True
+                outcome = Outcome.SUCCESS
+            except UpstreamError as err:
+                finished = True
+                outcome = classify(err.code)
+                if err.code == "DEADLINE_EXCEEDED":  # the worker may still be running it
+                    self.abort_in_background(worker, request.request_id, "router timeout")
+                raise
+            finally:
+                worker.breaker.record(outcome)
+                if request.request_id and self._in_flight.get(request.request_id) is worker:
+                    del self._in_flight[request.request_id]
+                if not finished:
+                    # The caller went away: stop the worker's work now.
+                    self.abort_in_background(worker, request.request_id, "client cancelled")
 
     def begin_request(self, request_id: str, worker: Worker) -> None:
         if request_id:
@@ -162,7 +385,7 @@ class Router:
     def healthy(self) -> bool:
         return any(w.is_routable for w in self.registry.all())
 
-    # health ------------------------------------------------------------------------------
+    # health and loads --------------------------------------------------------------------
 
     async def _check(self, worker: Worker) -> None:
         client = self._clients.get(worker.url)
@@ -172,12 +395,58 @@ class Router:
         if worker.record_health(healthy, message, self.config.health_success_threshold,
                                 self.config.health_failure_threshold):
             log.info("worker %s is now %s (%s)", worker.url, worker.health.value, message)
+        if (self.config.remove_unhealthy_workers
+                and worker.should_remove(self.config.health_failure_threshold)
+                and self.registry.get(worker.url) is worker and not worker.removing):
+            worker.removing = True
+            log.warning("removing unhealthy worker %s (%s)", worker.url, message)
+            self.submit_remove_worker(worker.url)
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(w) for w in self.registry.all()),
+                             return_exceptions=True)
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_check_interval_secs)
-            workers = self.registry.all()
-            await asyncio.gather(*(self._check(w) for w in workers), return_exceptions=True)
+            await self.check_all()
+
+    async def poll_loads(self) -> None:
+        """One GetLoads round over workers whose load is not pushed by their event stream."""
+        now = time.monotonic()
+        stale_after = 2 * self.config.load_monitor_interval
+
+        async def poll(worker: Worker) -> None:
+            load = worker.engine_load
+            if load is not None and load.source == "events" and now - load.update_time < stale_after:
+                return
+            client = self._clients.get(worker.url)
+            if client is None:
+                return
+            try:
+                worker.engine_load = await client.get_loads(self.config.health_check_timeout_secs)
+            except UpstreamError as err:
+                log.debug("GetLoads on %s failed: %s", worker.url, err)
+
+        await asyncio.gather(*(poll(w) for w in self.registry.all()), return_exceptions=True)
+
+    async def _load_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.load_monitor_interval)
+            await self.poll_loads()
+
+    def maintenance(self) -> None:
+        """Periodic policy upkeep: radix-tree eviction, idle sticky keys."""
+        for policy in list(self._policies.values()):
+            policy.maintenance()
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.eviction_interval_secs)
+            self.maintenance()
+
+    def policies(self) -> dict[tuple[str, WorkerType], LoadBalancingPolicy]:
+        return dict(self._policies)
 
     def ready_workers(self) -> list[Worker]:
         return [w for w in self.registry.all() if w.health is Health.READY]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -17,7 +18,8 @@ from services.common.errors import ServiceError, invalid_argument, not_found
 from services.common.telemetry import metadata_dict
 from services.router.jobs import Job, JobKind, JobState
 from services.router.policies import SelectionInfo
-from services.router.router import DOMAIN, Router
+from services.router.resilience import CircuitState
+from services.router.router import DOMAIN, DispatchState, RequestHints, Router
 from services.router.workers import Health, Worker, WorkerType
 
 # Routing hints (see proto/sglmesh/router/v1/router_admin.proto).
@@ -51,31 +53,25 @@ class SchedulerProxy(pb_grpc.SglangSchedulerServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         md = metadata_dict(context.invocation_metadata())
-        info = SelectionInfo(token_ids=request.tokenized.input_ids,
-                             routing_key=md.get(ROUTING_KEY, ""), request_id=request.request_id)
-        worker = self.router.select(md.get(MODEL_KEY, ""), info, md.get(TARGET_WORKER_KEY, ""))
-        await context.send_initial_metadata(((WORKER_KEY, worker.url),))
-        call = self.router.client(worker).stub.Generate(request, metadata=_forward_metadata(md))
-        finished = False
-        self.router.begin_request(request.request_id, worker)
-        with worker.track():
-            try:
-                async for response in call:
-                    yield response
-                finished = True
-            finally:
-                self.router.end_request(request.request_id)
-                if not finished:
-                    # The client went away (or the worker failed): stop the worker's work now.
-                    call.cancel()
-                    self.router.abort_in_background(worker, request.request_id, "client cancelled")
+        hints = RequestHints(model=md.get(MODEL_KEY, ""), routing_key=md.get(ROUTING_KEY, ""),
+                             target_worker=md.get(TARGET_WORKER_KEY, ""),
+                             forward=_forward_metadata(md))
+        state = DispatchState()
+        sent_metadata = False
+        async with aclosing(self.router.generate(request, hints, state)) as stream:
+            async for response in stream:
+                if not sent_metadata and state.worker is not None:
+                    sent_metadata = True
+                    await context.send_initial_metadata(((WORKER_KEY, state.worker.url),))
+                yield response
 
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        worker, md = self._pick(context)
-        with worker.track():
-            return await self.router.client(worker).stub.Embed(
-                request, metadata=_forward_metadata(md))
+        with await self.router.admission.acquire():
+            worker, md = self._pick(context)
+            with worker.track():
+                return await self.router.client(worker).stub.Embed(
+                    request, metadata=_forward_metadata(md))
 
     async def Abort(self, request: pb.AbortRequest,
                     context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -140,6 +136,9 @@ _WORKER_TYPE = {WorkerType.REGULAR: admin_pb.WORKER_TYPE_REGULAR,
                 WorkerType.PREFILL: admin_pb.WORKER_TYPE_PREFILL,
                 WorkerType.DECODE: admin_pb.WORKER_TYPE_DECODE}
 _WORKER_TYPE_IN = {v: k for k, v in _WORKER_TYPE.items()}
+_CIRCUIT = {CircuitState.CLOSED: admin_pb.CIRCUIT_STATE_CLOSED,
+            CircuitState.OPEN: admin_pb.CIRCUIT_STATE_OPEN,
+            CircuitState.HALF_OPEN: admin_pb.CIRCUIT_STATE_HALF_OPEN}
 _JOB_KIND = {JobKind.ADD_WORKER: admin_pb.JOB_KIND_ADD_WORKER,
              JobKind.REMOVE_WORKER: admin_pb.JOB_KIND_REMOVE_WORKER}
 _JOB_STATE = {JobState.PENDING: admin_pb.JOB_STATE_PENDING, JobState.RUNNING: admin_pb.JOB_STATE_RUNNING,
@@ -150,8 +149,9 @@ def worker_to_proto(worker: Worker) -> admin_pb.Worker:
     return admin_pb.Worker(
         url=worker.url, model_id=worker.model_id, worker_type=_WORKER_TYPE[worker.worker_type],
         connection_mode=admin_pb.CONNECTION_MODE_GRPC, health=_HEALTH[worker.health],
-        health_message=worker.health_message, circuit_state=admin_pb.CIRCUIT_STATE_CLOSED,
-        in_flight_requests=worker.in_flight, processed_requests=worker.processed, dp_size=1,
+        health_message=worker.health_message, circuit_state=_CIRCUIT[worker.breaker.state],
+        in_flight_requests=worker.in_flight, processed_requests=worker.processed,
+        dp_size=worker.dp_size, bootstrap_port=worker.bootstrap_port,
         labels=worker.labels, max_context_length=worker.card.max_context_length,
         register_time=_timestamp(worker.register_time),
     )
@@ -178,7 +178,8 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
                                    domain=DOMAIN)
         job = self.router.submit_add_worker(
             request.url, _WORKER_TYPE_IN.get(request.worker_type, WorkerType.REGULAR),
-            dict(request.labels), request.model_id)
+            dict(request.labels), request.model_id,
+            request.bootstrap_port if request.HasField("bootstrap_port") else None)
         return admin_pb.AddWorkerResponse(job=job_to_proto(job))
 
     async def RemoveWorker(self, request: admin_pb.RemoveWorkerRequest,
@@ -235,10 +236,18 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
         if request.model_id:
             workers = [w for w in workers if w.model_id == request.model_id]
         now = _timestamp(time.time())
-        return admin_pb.GetLoadsResponse(loads=[
-            admin_pb.WorkerLoad(url=w.url, in_flight_requests=w.in_flight, update_time=now)
-            for w in workers
-        ])
+        loads = []
+        for w in workers:
+            load = admin_pb.WorkerLoad(url=w.url, in_flight_requests=w.in_flight, update_time=now)
+            if w.engine_load is not None:
+                load.running_requests = w.engine_load.running_requests
+                load.waiting_requests = w.engine_load.waiting_requests
+                load.token_usage = w.engine_load.token_usage
+                load.gen_throughput = w.engine_load.gen_throughput
+                load.update_time.CopyFrom(_timestamp(
+                    time.time() - (time.monotonic() - w.engine_load.update_time)))
+            loads.append(load)
+        return admin_pb.GetLoadsResponse(loads=loads)
 
     async def FlushCache(self, request: admin_pb.FlushCacheRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb.FlushCacheResponse:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from services.router.resilience import CircuitBreaker
+
 
 class Health(enum.Enum):
     PENDING = "pending"
@@ -37,6 +39,19 @@ class ModelCard:
     vocab_size: int = 0
 
 
+@dataclass
+class EngineLoad:
+    """The engine's own view of its load (GetLoads poll, or pushed on the KV-event stream)."""
+
+    running_requests: int = 0
+    waiting_requests: int = 0
+    token_usage: float = 0.0
+    gen_throughput: float = 0.0
+    waiting_uncached_tokens: int = 0
+    source: str = "poll"  # "poll" or "events"
+    update_time: float = 0.0  # time.monotonic() of the report
+
+
 @dataclass(eq=False)
 class Worker:
     """One registered worker. Load counters are released by :meth:`track` when a call ends."""
@@ -52,6 +67,11 @@ class Worker:
     processed: int = 0
     consecutive_successes: int = 0
     consecutive_failures: int = 0
+    bootstrap_port: int | None = None
+    dp_size: int = 1
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker, repr=False)
+    engine_load: EngineLoad | None = None
+    removing: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -60,7 +80,13 @@ class Worker:
 
     @property
     def is_routable(self) -> bool:
-        return self.health is Health.READY
+        """Healthy and its circuit breaker lets requests through (every policy sees only these)."""
+        return self.health is Health.READY and self.breaker.allows()
+
+    @property
+    def load(self) -> int:
+        """The load policies compare: requests this router has in flight on the worker."""
+        return self.in_flight
 
     @contextmanager
     def track(self) -> Iterator[None]:
@@ -96,6 +122,14 @@ class Worker:
             ):
                 self.health = Health.NOT_READY
         return self.health is not before
+
+    def should_remove(self, failure_threshold: int) -> bool:
+        """SMG's "failed" state: pending for 10xF failed checks, or not-ready for 3xF."""
+        if self.health is Health.NOT_READY:
+            return self.consecutive_failures >= 3 * failure_threshold
+        if self.health is Health.PENDING:
+            return self.consecutive_failures >= 10 * failure_threshold
+        return False
 
 
 class WorkerRegistry:

@@ -9,6 +9,7 @@ import pytest
 from services.common.errors import ErrorCode, ServiceError
 from services.router.config import RouterConfig
 from services.router.policies import (
+    POLICY_NAMES,
     PowerOfTwoPolicy,
     RandomPolicy,
     RoundRobinPolicy,
@@ -16,7 +17,7 @@ from services.router.policies import (
     create_policy,
 )
 from services.router.router import Router, normalize_url
-from services.router.workers import Health, ModelCard, Worker, WorkerRegistry
+from services.router.workers import Health, ModelCard, Worker, WorkerRegistry, WorkerType
 
 
 def make_worker(url: str, model: str = "m", health: Health = Health.READY) -> Worker:
@@ -31,7 +32,7 @@ def test_round_robin_cycles_in_order() -> None:
 
 
 def test_policies_return_none_without_workers() -> None:
-    for name in ("round_robin", "random", "power_of_two"):
+    for name in POLICY_NAMES:
         assert create_policy(name).select_worker([], SelectionInfo()) is None
 
 
@@ -96,7 +97,7 @@ def _router_with(*workers: Worker) -> Router:
     router = Router(RouterConfig())
     for worker in workers:
         router.registry.add(worker)
-        router._policies.setdefault(worker.model_id, RoundRobinPolicy())
+        router._policies.setdefault((worker.model_id, WorkerType.REGULAR), RoundRobinPolicy())
     return router
 
 
