@@ -9,7 +9,11 @@ from typing import Any
 
 from services.tokenizer.chat_template import ChatTemplateError
 from services.tokenizer.errors import InvalidRequest
-from services.tokenizer.reasoning import REASONING_PARSERS, create_reasoning_parser
+from services.tokenizer.reasoning import (
+    PASSTHROUGH,
+    REASONING_PARSERS,
+    create_reasoning_parser,
+)
 from services.tokenizer.registry import (
     LoadedTokenizer,
     TokenizerRegistry,
@@ -160,7 +164,7 @@ class DecodeStreamSpec:
 
     def new_session(self) -> DecodeSession:
         parser = (create_reasoning_parser(self.reasoning_parser, self.reasoning_open)
-                  if self.reasoning_parser else None)
+                  if self.reasoning_parser and self.reasoning_parser != PASSTHROUGH else None)
         tools = create_tool_parser(self.tool_parser, self.tool_names) if self.tool_parser else None
         return DecodeSession(self.tokenizer, self.options, parser, tools,
                              self.tokenizer.special_token_ids)

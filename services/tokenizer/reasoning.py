@@ -90,16 +90,34 @@ class ThinkParser:
         return ReasoningDelta(text=held)
 
 
+@dataclass(frozen=True)
+class ReasoningSpec:
+    start: str = "<think>"
+    end: str = "</think>"
+    in_reasoning: bool = False  # the generation starts inside the block by default
+
+
+_R1 = ReasoningSpec(in_reasoning=True)
+_QWEN3 = ReasoningSpec()
+_KIMI = ReasoningSpec("◁think▷", "◁/think▷")
+
+# Names as SGLang and SMG spell them (both "-" and "_" forms are accepted).
+REASONING_SPECS: dict[str, ReasoningSpec] = {
+    "deepseek-r1": _R1, "deepseek_r1": _R1,
+    "qwen3": _QWEN3,
+    "qwen3-thinking": _R1, "qwen3_thinking": _R1,
+    "kimi": _KIMI,
+    "glm45": _QWEN3,
+    "step3": _R1,
+    "deepseek_v31": _QWEN3,
+}
+PASSTHROUGH = "passthrough"
 # name -> whether the generation starts inside the reasoning block by default.
 REASONING_PARSERS: dict[str, bool] = {
-    "deepseek-r1": True,
-    "qwen3": False,
-    "qwen3-thinking": True,
-}
+    **{name: spec.in_reasoning for name, spec in REASONING_SPECS.items()}, PASSTHROUGH: False}
 
 
 def create_reasoning_parser(name: str, reasoning_open: bool = False) -> ThinkParser:
-    """A parser by name; KeyError for an unknown one."""
-    if name not in REASONING_PARSERS:
-        raise KeyError(name)
-    return ThinkParser(in_reasoning=REASONING_PARSERS[name] or reasoning_open)
+    """A parser by name; KeyError for an unknown one (``passthrough`` means: none)."""
+    spec = REASONING_SPECS[name]
+    return ThinkParser(spec.start, spec.end, in_reasoning=spec.in_reasoning or reasoning_open)

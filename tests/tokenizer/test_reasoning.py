@@ -68,3 +68,16 @@ def test_chunking_does_not_matter(reasoning: str, answer: str, size: int) -> Non
     whole = run(create_reasoning_parser("qwen3"), [text])
     assert run(create_reasoning_parser("qwen3"), split_every(text, size)) == whole
     assert whole == (reasoning, answer)
+
+
+@pytest.mark.parametrize("n", [1, 3, 100])
+def test_more_parsers(n: int) -> None:
+    assert run(create_reasoning_parser("kimi"),
+               split_every("◁think▷plan◁/think▷Answer.", n)) == ("plan", "Answer.")
+    assert run(create_reasoning_parser("glm45"),
+               split_every("<think>plan</think>Answer.", n)) == ("plan", "Answer.")
+    assert run(create_reasoning_parser("step3"), split_every("plan</think>Answer.", n)) == \
+        ("plan", "Answer.")
+    assert run(create_reasoning_parser("deepseek_r1"), split_every("x</think>y", n)) == ("x", "y")
+    assert run(create_reasoning_parser("qwen3_thinking"), split_every("x</think>y", n)) == \
+        ("x", "y")

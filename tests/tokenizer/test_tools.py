@@ -82,6 +82,8 @@ def test_core_validates_tools(tmp_path: Any, tokenizer_dir: Any) -> None:
     assert core.open_stream("Qwen2.5-7B-Instruct", DecodeOptions(),
                             tools=[WEATHER]).tool_parser == "hermes"
     assert core.open_stream("smollm2", DecodeOptions(), tools=[WEATHER]).tool_parser == ""
+    spec = core.open_stream("smollm2", DecodeOptions(), reasoning_parser="passthrough")
+    assert spec.new_session().reasoning is None
 
 
 def run(session: DecodeSession, ids: list[int]) -> tuple[str, str, list[dict[str, str]]]:
