@@ -32,6 +32,7 @@ from services.common.grpc_server import run, wait_for_shutdown
 from services.common.logs import setup_logging
 from services.common.net import dial_host, format_target
 from services.worker.config import WorkerConfig
+from services.worker.preflight import PreflightError, preflight_model_path
 from services.worker.sim_server import SimWorker, build_sim_worker
 
 log = logging.getLogger("services.worker.sim_fleet")
@@ -52,8 +53,9 @@ def fleet_configs(base: WorkerConfig, count: int, base_port: int,
     return configs
 
 
-async def start_fleet(configs: list[WorkerConfig]) -> list[SimWorker]:
-    workers = [build_sim_worker(c, served_model_name=c.served_model_name) for c in configs]
+async def start_fleet(configs: list[WorkerConfig], model_dir: Path | None = None
+                      ) -> list[SimWorker]:
+    workers = [build_sim_worker(c, model_dir) for c in configs]
     try:
         for w in workers:
             await w.start(wait_ready=False)
@@ -75,9 +77,9 @@ def describe(workers: list[SimWorker]) -> list[dict[str, object]]:
 
 
 async def serve_fleet(base: WorkerConfig, count: int, base_port: int, prefill_count: int,
-                      ports_file: str) -> None:
+                      ports_file: str, model_dir: Path | None = None) -> None:
     start = time.monotonic()
-    workers = await start_fleet(fleet_configs(base, count, base_port, prefill_count))
+    workers = await start_fleet(fleet_configs(base, count, base_port, prefill_count), model_dir)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = {"workers": describe(workers), "pid": os.getpid(),
             "startup_seconds": round(time.monotonic() - start, 3), "max_rss_mib": round(rss_mib, 1)}
@@ -113,9 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     if base.engine != "sim":
         parser.error("a fleet is made of sim workers (--engine sim)")
     setup_logging("worker", base.log_level, base.log_json, base.error_log)
+    model_dir = None
+    if base.model_path:  # a real tokenizer directory for every worker (no weights needed)
+        try:
+            model_dir = preflight_model_path(base.model_path, require_weights=False).resolve()
+        except PreflightError as exc:
+            parser.exit(2, f"sim_fleet: error: {exc}\n")
     try:
         run(lambda: serve_fleet(base, args.count, args.base_port, args.prefill_count,
-                                args.ports_file))
+                                args.ports_file, model_dir))
     except KeyboardInterrupt:
         pass
 

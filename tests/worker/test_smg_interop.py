@@ -11,6 +11,7 @@ Skips with the reason when smg is not installed (``pip install smg==1.13.0``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -27,8 +28,6 @@ import pytest
 
 from services.common.net import free_port
 from tests.procs import ServiceProcess
-
-pytestmark = pytest.mark.slow
 
 SMG_VERSION = "1.13.0"
 QUESTION = "What is the capital of France?"
@@ -58,8 +57,10 @@ def workers(embedded_model_dir: Path) -> Iterator[list[ServiceProcess]]:
             p.stop()
 
 
-@pytest.fixture(scope="module")
-def smg(workers: list[ServiceProcess], embedded_model_dir: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def run_smg(worker_urls: list[str], model_dir: Path, policy: str) -> Iterator[str]:
+    """``python -m smg.launch_router`` in gRPC mode; yields its base URL once every worker is
+    healthy in its registry."""
     version = smg_installed()
     if version is None:
         pytest.skip(f"the SMG gateway is not installed (pip install smg=={SMG_VERSION})")
@@ -70,8 +71,7 @@ def smg(workers: list[ServiceProcess], embedded_model_dir: Path) -> Iterator[str
     env = {**os.environ, "no_proxy": "127.0.0.1,localhost,::1", "NO_PROXY": "127.0.0.1,localhost,::1",
            "no_grpc_proxy": "127.0.0.1,localhost,::1"}
     cmd = [sys.executable, "-m", "smg.launch_router", "--host", "127.0.0.1", "--port", str(port),
-           "--worker-urls", *[f"grpc://{w.target}" for w in workers],
-           "--policy", "round_robin", "--model-path", str(embedded_model_dir),
+           "--worker-urls", *worker_urls, "--policy", policy, "--model-path", str(model_dir),
            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
            "--log-level", "warn"]
     with open(log_path, "wb") as log:
@@ -87,12 +87,13 @@ def smg(workers: list[ServiceProcess], embedded_model_dir: Path) -> Iterator[str
                 try:
                     workers_json = client.get(f"{base}/workers").json()
                     ready = [w for w in workers_json.get("workers", []) if w.get("is_healthy")]
-                    if len(ready) == 2:
+                    if len(ready) == len(worker_urls):
                         break
                 except (httpx.HTTPError, ValueError):
                     pass
                 if time.monotonic() > deadline:
-                    pytest.fail(f"smg never saw 2 healthy workers:\n{log_path.read_text()[-3000:]}")
+                    pytest.fail(f"smg never saw {len(worker_urls)} healthy workers:\n"
+                                f"{log_path.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield base
     finally:
@@ -102,6 +103,12 @@ def smg(workers: list[ServiceProcess], embedded_model_dir: Path) -> Iterator[str
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def smg(workers: list[ServiceProcess], embedded_model_dir: Path) -> Iterator[str]:
+    with run_smg([f"grpc://{w.target}" for w in workers], embedded_model_dir, "round_robin") as url:
+        yield url
 
 
 def model_id(client: httpx.Client, base: str) -> str:
@@ -120,6 +127,7 @@ def post_chat(client: httpx.Client, url: str, body: dict[str, object]) -> httpx.
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_chat_completion_through_smg(smg: str) -> None:
     with httpx.Client(trust_env=False, timeout=120) as client:
         model = model_id(client, smg)
@@ -149,9 +157,43 @@ def test_chat_completion_through_smg(smg: str) -> None:
         assert "Paris" in text
 
 
+@pytest.mark.slow
 def test_smg_sees_worker_loads(smg: str, workers: list[ServiceProcess]) -> None:
     with httpx.Client(trust_env=False, timeout=10) as client:
         listed = client.get(f"{smg}/workers").json()["workers"]
     urls = {w["url"] for w in listed}
     assert urls == {f"grpc://{w.target}" for w in workers}
     assert all(w["connection_mode"] == "grpc" for w in listed)
+
+
+def test_smg_cache_aware_routes_on_sim_kv_events(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """SMG's cache_aware policy subscribes to the sim workers' KV events: repeats of a prompt
+    go to the worker that caches it, and the usage reports the cached tokens."""
+    ports = tmp_path / "fleet.json"
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "services.worker.sim_fleet", "--count", "4", "--ports-file",
+         str(ports), "--model-path", str(embedded_model_dir), "--sim-decode-ms", "2",
+         "--log-level", "warning"], start_new_session=True, cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        while not ports.exists():
+            assert fleet.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        urls = [w["url"] for w in json.loads(ports.read_text())["workers"]]
+        with run_smg(urls, embedded_model_dir, "cache_aware") as base, \
+                httpx.Client(trust_env=False, timeout=30) as client:
+            body = {"model": model_id(client, base), "max_tokens": 4, "messages": [
+                {"role": "user", "content": "Tell me, in as many words as you like, about the "
+                                            "history of the city of Paris and its bridges."}]}
+            usages = []
+            for _ in range(4):
+                reply = post_chat(client, f"{base}/v1/chat/completions", body)
+                assert reply.status_code == 200, reply.text
+                usages.append(reply.json()["usage"])
+            cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+            prompt = usages[0]["prompt_tokens"]
+            assert cached[0] == 0
+            assert all(c == (prompt // 16) * 16 or c == prompt - 1 for c in cached[1:]), cached
+    finally:
+        os.killpg(fleet.pid, signal.SIGTERM)
+        fleet.wait(15)
