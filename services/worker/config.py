@@ -48,6 +48,19 @@ class WorkerConfig(ServiceConfig):
                    "--no-batch-decode runs one forward pass per request.")
     health_check_timeout: float = option(
         20.0, help="Seconds the deep HealthCheck waits for its 1-token generation.")
+    # prefix cache and KV events (torch and sim)
+    block_size: int = option(
+        16, help="Tokens per prefix-cache block (the KV event granularity).")
+    prefix_cache_tokens: int = option(
+        16384, help="torch: prefix cache capacity in tokens (0 = off).")
+    prefill_chunk: int = option(256, help="torch: prompt tokens prefilled per engine step.")
+    kv_events_config: str = option(
+        "", help="KV events as SGLang's --kv-events-config JSON; empty = {\"publisher\": "
+                 "\"grpc\"} (served on SubscribeKvEvents).")
+    kv_events_buffer: int = option(
+        10000, help="KV event batches kept so a subscriber can resume (start_sequence_number).")
+    drain_timeout: float = option(
+        30.0, help="Seconds in-flight requests get to finish on SIGTERM.")
     # PD roles (sim; SGLang takes its own --disaggregation-* flags after `--`)
     disaggregation_mode: str = option(
         "", help="PD role of a sim worker: prefill or decode (empty = regular).")
@@ -56,9 +69,10 @@ class WorkerConfig(ServiceConfig):
     # --engine sim
     sim_vocab_size: int = option(49152, help="sim: vocabulary size reported and sampled from.")
     sim_eos_token_id: int = option(2, help="sim: the EOS id ending requests without max_new_tokens.")
+    sim_block_size: int = option(
+        0, help="sim: tokens per cache block; 0 = --block-size (kept for older callers).")
     sim_max_total_tokens: int = option(
         65536, help="sim: KV capacity in tokens (running requests + radix prefix cache).")
-    sim_block_size: int = option(16, help="sim: tokens per cache block (KV event granularity).")
     sim_decode_ms: float = option(20.0, help="sim: decode step time with one running request.")
     sim_decode_ms_per_running: float = option(
         0.5, help="sim: decode step time added per extra running request.")
@@ -117,8 +131,8 @@ class WorkerConfig(ServiceConfig):
                    else "has no PD roles"))
         if not 0 <= self.bootstrap_port <= 65535:
             raise ValueError(f"--bootstrap-port must be 0-65535, got {self.bootstrap_port}")
-        for name in ("sim_vocab_size", "sim_max_total_tokens", "sim_block_size",
-                     "sim_output_tokens"):
+        for name in ("sim_vocab_size", "sim_max_total_tokens", "sim_output_tokens", "block_size",
+                     "kv_events_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                                  f"{getattr(self, name)}")
@@ -133,6 +147,14 @@ class WorkerConfig(ServiceConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
                                  f"{getattr(self, name)}")
+        if self.sim_block_size < 0:
+            raise ValueError(f"--sim-block-size must be >= 0, got {self.sim_block_size}")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"--prefix-cache-tokens must be >= 0, got {self.prefix_cache_tokens}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be >= 1, got {self.prefill_chunk}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if self.sim_bootstrap_timeout <= 0:
             raise ValueError("--sim-bootstrap-timeout must be > 0")
         if self.sglang_ready_timeout <= 0:

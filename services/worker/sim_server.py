@@ -59,7 +59,9 @@ def sim_params(config: WorkerConfig) -> SimParams:
     return SimParams(
         vocab_size=config.sim_vocab_size, context_length=config.context_length or 8192,
         max_running_requests=config.max_running_requests,
-        max_total_num_tokens=config.sim_max_total_tokens, block_size=config.sim_block_size,
+        max_total_num_tokens=config.sim_max_total_tokens,
+        block_size=config.sim_block_size or config.block_size,
+        event_log_batches=config.kv_events_buffer,
         decode_ms=config.sim_decode_ms, decode_ms_per_running=config.sim_decode_ms_per_running,
         prefill_ms_per_token=config.sim_prefill_ms_per_token,
         output_tokens=config.sim_output_tokens, error_rate=config.sim_error_rate,

@@ -148,7 +148,7 @@ async def test_failure_injection() -> None:
 
 
 def sim_config(**kw: object) -> WorkerConfig:
-    base = dict(engine="sim", host="127.0.0.1", port=0, sim_block_size=4,
+    base = dict(engine="sim", host="127.0.0.1", port=0, block_size=4,
                 sim_decode_ms=1.0, sim_prefill_ms_per_token=0.0, sim_decode_ms_per_running=0.0,
                 sim_max_total_tokens=4096, max_running_requests=16)
     base.update(kw)
