@@ -7,7 +7,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.grpc_server import GrpcServer, wait_for_shutdown
 from services.common.service import main_for
-from services.router.config import RouterConfig
+from services.router.config import RouterConfig, merge_repeated_flags
 from services.router.router import Router
 from services.router.server import RouterAdmin, SchedulerProxy
 
@@ -30,7 +30,9 @@ async def serve(config: RouterConfig) -> None:
 
 
 def main() -> None:
-    main_for(RouterConfig, serve)
+    import sys
+
+    main_for(RouterConfig, serve, merge_repeated_flags(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from services.common.config import ServiceConfig, option
 from services.router.policies import POLICY_NAMES, PolicyConfig
 from services.router.resilience import CircuitBreakerConfig, RetryConfig
+
+
+def parse_prefill(tokens: list[str]) -> list[tuple[str, int | None]]:
+    """``URL [PORT|none] URL ...`` -> [(url, bootstrap port or None)] (SMG's --prefill)."""
+    result: list[tuple[str, int | None]] = []
+    for token in tokens:
+        if token.lower() == "none" or token.isdigit():
+            if not result or result[-1][1] is not None:
+                raise ValueError(f"--prefill: {token!r} must follow a worker URL")
+            if token.isdigit():
+                port = int(token)
+                if not 0 < port < 65536:
+                    raise ValueError(f"--prefill: bootstrap port {port} is out of range")
+                result[-1] = (result[-1][0], port)
+            continue
+        result.append((token, None))
+    return result
+
+
+def merge_repeated_flags(argv: list[str], flags: tuple[str, ...] = ("--prefill", "--decode")
+                         ) -> list[str]:
+    """``--prefill A 1 --prefill B`` -> ``--prefill A 1 B`` (SMG repeats these flags)."""
+    rest: list[str] = []
+    gathered: dict[str, list[str]] = {}
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags:
+            values = gathered.setdefault(argv[i], [])
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            continue
+        rest.append(argv[i])
+        i += 1
+    for flag, values in gathered.items():
+        rest += [flag, *values]
+    return rest
 
 
 @dataclass
@@ -19,6 +57,19 @@ class RouterConfig(ServiceConfig):
     worker_urls: list[str] = option([], help="Workers to register at start-up (grpc://host:port).")
     policy: str = option("round_robin", help="Load-balancing policy.",
                          metadata={"choices": POLICY_NAMES})
+    pd_disaggregation: bool = option(
+        False, help="Prefill/decode disaggregation: each request goes to a prefill and a "
+                    "decode worker (--prefill, --decode).")
+    prefill: list[str] = option(
+        [], help="PD prefill workers: URL [BOOTSTRAP_PORT|none] ... (the flag may repeat).")
+    decode: list[str] = option([], help="PD decode workers: URL ... (the flag may repeat).")
+    prefill_policy: str = option(
+        "", help="Policy of the prefill leg (default: --policy).",
+        metadata={"choices": ("", *POLICY_NAMES)})
+    decode_policy: str = option(
+        "", help="Policy of the decode leg (default: --policy).",
+        metadata={"choices": ("", *POLICY_NAMES)})
+    prefill_workers: list[tuple[str, int | None]] = field(init=False, default_factory=list)
     cache_threshold: float = option(
         0.3, help="cache_aware: share of the prompt that must be cached on some worker for the "
                   "request to follow the cache (else it goes to the least-loaded worker).")
@@ -115,6 +166,9 @@ class RouterConfig(ServiceConfig):
             raise ValueError("--queue-timeout-secs must be positive")
         if self.rate_limit_tokens_per_second < 0:
             raise ValueError("--rate-limit-tokens-per-second must be >= 0")
+        self.prefill_workers = parse_prefill(self.prefill)
+        if self.pd_disaggregation and not (self.prefill_workers and self.decode):
+            raise ValueError("--pd-disaggregation needs at least one --prefill and one --decode")
         if not 0 <= self.cache_threshold <= 1:
             raise ValueError("--cache-threshold must be between 0 and 1")
         if self.balance_rel_threshold < 1 or self.balance_abs_threshold < 0:

@@ -45,6 +45,15 @@ log = logging.getLogger(__name__)
 DOMAIN = "sglmesh.router"
 
 
+DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's default --disaggregation-bootstrap-port
+
+
+def split_host_port(url: str) -> tuple[str, int]:
+    target = strip_scheme(url)
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port or 0)
+
+
 def normalize_url(url: str) -> str:
     """One spelling per worker: ``grpc://host:port``."""
     return "grpc://" + strip_scheme(url)
@@ -79,7 +88,9 @@ class RequestHints:
 class DispatchState:
     """How one request was served; filled in as it goes (read by the transport and metrics)."""
 
-    worker: Worker | None = None
+    worker: Worker | None = None  # the worker whose stream is relayed (decode leg in PD)
+    prefill_worker: Worker | None = None
+    bootstrap_room: int | None = None
     attempts: int = 0
     tried: list[str] = field(default_factory=list)
     first_token_time: float | None = None
@@ -95,7 +106,7 @@ class Router:
         self._client_factory = client_factory
         self._clients: dict[str, WorkerClient] = {}
         self._policies: dict[tuple[str, WorkerType], LoadBalancingPolicy] = {}
-        self._in_flight: dict[str, Worker] = {}
+        self._in_flight: dict[str, list[Worker]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._rng = rng or random.Random()
@@ -113,6 +124,11 @@ class Router:
         self.jobs.start()
         for url in self.config.worker_urls:
             self.submit_add_worker(url)
+        if self.config.pd_disaggregation:
+            for url, port in self.config.prefill_workers:
+                self.submit_add_worker(url, WorkerType.PREFILL, bootstrap_port=port)
+            for url in self.config.decode:
+                self.submit_add_worker(url, WorkerType.DECODE)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
         self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="router-evict"))
         if not self.config.disable_load_monitoring:
@@ -215,6 +231,10 @@ class Router:
         sub.index.drop_worker(url)
 
     def policy_name(self, worker_type: WorkerType) -> str:
+        if worker_type is WorkerType.PREFILL and self.config.prefill_policy:
+            return self.config.prefill_policy
+        if worker_type is WorkerType.DECODE and self.config.decode_policy:
+            return self.config.decode_policy
         return self.config.policy
 
     def policy_for(self, model_id: str, worker_type: WorkerType = WorkerType.REGULAR
@@ -274,8 +294,13 @@ class Router:
     def client(self, worker: Worker) -> WorkerClient:
         return self._clients[worker.url]
 
+    @property
+    def default_leg(self) -> WorkerType:
+        """The workers that answer calls without a prompt (model info, tokenizer, loads)."""
+        return WorkerType.DECODE if self.config.pd_disaggregation else WorkerType.REGULAR
+
     def any_client(self, model: str) -> tuple[Worker, WorkerClient]:
-        worker = self.select(model, SelectionInfo())
+        worker = self.select(model, SelectionInfo(), worker_type=self.default_leg)
         return worker, self.client(worker)
 
     async def generate(self, request: pb.GenerateRequest, hints: RequestHints,
@@ -303,8 +328,18 @@ class Router:
             if attempt:
                 await asyncio.sleep(backoff_secs(attempt - 1, retry, self._rng))
             try:
-                worker = self.select(hints.model, info, hints.target_worker,
-                                     exclude=set(state.tried))
+                if self.config.pd_disaggregation and not hints.target_worker:
+                    prefill = self.select(hints.model, info, worker_type=WorkerType.PREFILL,
+                                          exclude=set(state.tried))
+                    worker = self.select(hints.model, info, worker_type=WorkerType.DECODE,
+                                         exclude=set(state.tried))
+                    state.prefill_worker = prefill
+                    state.tried.append(prefill.url)
+                    attempt_stream = self._attempt_pd(prefill, worker, request, hints, state)
+                else:
+                    worker = self.select(hints.model, info, hints.target_worker,
+                                         exclude=set(state.tried))
+                    attempt_stream = self._attempt(worker, request, hints)
             except ServiceError:
                 if last is not None:  # nobody left to retry on: the worker's error stands
                     raise last.cause or last from None
@@ -313,7 +348,7 @@ class Router:
             state.tried.append(worker.url)
             relayed = False
             try:
-                async with aclosing(self._attempt(worker, request, hints)) as stream:
+                async with aclosing(attempt_stream) as stream:
                     async for response in stream:
                         if not relayed:
                             relayed = True
@@ -338,8 +373,7 @@ class Router:
             raise UpstreamError("UNAVAILABLE", f"worker {worker.url} was removed")
         finished = False
         outcome = Outcome.IGNORED
-        if request.request_id:
-            self._in_flight[request.request_id] = worker
+        self.begin_request(request.request_id, worker)
         with worker.track():
             try:
                 async with aclosing(client.generate(request, hints.forward)) as stream:
@@ -355,21 +389,83 @@ class Router:
                 raise
             finally:
                 worker.breaker.record(outcome)
-                if request.request_id and self._in_flight.get(request.request_id) is worker:
-                    del self._in_flight[request.request_id]
+                self.end_request(request.request_id, worker)
                 if not finished:
                     # The caller went away: stop the worker's work now.
                     self.abort_in_background(worker, request.request_id, "client cancelled")
 
+    async def _attempt_pd(self, prefill: Worker, decode: Worker, request: pb.GenerateRequest,
+                          hints: RequestHints, state: DispatchState
+                          ) -> AsyncIterator[pb.GenerateResponse]:
+        """One PD attempt: both legs at once with the same bootstrap room; the decode stream is
+        relayed, the prefill stream drained. If either leg fails the other is cancelled (and
+        its worker gets Abort), so no bootstrap room is left waiting."""
+        room = self._rng.randrange(0, 2 ** 31 - 1)  # bootstrap_room is an int32
+        state.bootstrap_room = room
+        host, _port = split_host_port(prefill.url)
+        legs = []
+        for worker in (prefill, decode):
+            leg = pb.GenerateRequest()
+            leg.CopyFrom(request)
+            params = leg.disaggregated_params
+            params.bootstrap_host = host
+            params.bootstrap_port = prefill.bootstrap_port or DEFAULT_BOOTSTRAP_PORT
+            params.bootstrap_room = room
+            if worker.dp_size > 1:
+                leg.data_parallel_rank = worker.next_dp_rank()
+            legs.append(leg)
+        queue: asyncio.Queue[tuple[str, str, object]] = asyncio.Queue()
+
+        async def pump(name: str, worker: Worker, leg: pb.GenerateRequest) -> None:
+            try:
+                async with aclosing(self._attempt(worker, leg, hints)) as stream:
+                    async for response in stream:
+                        if name == "decode":
+                            await queue.put((name, "data", response))
+                await queue.put((name, "done", None))
+            except UpstreamError as err:
+                await queue.put((name, "error", err))
+
+        tasks = {name: asyncio.create_task(pump(name, w, leg), name=f"pd-{name}")
+                 for name, w, leg in (("prefill", prefill, legs[0]), ("decode", decode, legs[1]))}
+        try:
+            while True:
+                name, kind, payload = await queue.get()
+                if kind == "data":
+                    yield payload  # type: ignore[misc]
+                elif kind == "error":
+                    err = payload
+                    assert isinstance(err, UpstreamError)
+                    log.info("request %s: PD %s leg on %s failed: %s", request.request_id, name,
+                             (prefill if name == "prefill" else decode).url, err)
+                    raise err
+                elif name == "decode":
+                    # Done; give the prefill leg a moment to finish on its own.
+                    await asyncio.wait({tasks["prefill"]}, timeout=self.config.abort_timeout_secs)
+                    return
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
     def begin_request(self, request_id: str, worker: Worker) -> None:
         if request_id:
-            self._in_flight[request_id] = worker
+            self._in_flight.setdefault(request_id, []).append(worker)
 
-    def end_request(self, request_id: str) -> None:
-        self._in_flight.pop(request_id, None)
+    def end_request(self, request_id: str, worker: Worker) -> None:
+        workers = self._in_flight.get(request_id)
+        if workers is not None and worker in workers:
+            workers.remove(worker)
+            if not workers:
+                del self._in_flight[request_id]
+
+    def workers_of_request(self, request_id: str) -> list[Worker]:
+        """The workers a request is running on now (two for a PD request)."""
+        return list(self._in_flight.get(request_id, ()))
 
     def worker_of_request(self, request_id: str) -> Worker | None:
-        return self._in_flight.get(request_id)
+        workers = self._in_flight.get(request_id)
+        return workers[-1] if workers else None
 
     def abort_in_background(self, worker: Worker, request_id: str, reason: str) -> None:
         """Sends Abort to ``worker`` without blocking (used when a client goes away)."""

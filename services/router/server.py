@@ -47,7 +47,8 @@ class SchedulerProxy(pb_grpc.SglangSchedulerServicer):
         """A worker of the requested model for a call that carries no prompt."""
         md = metadata_dict(context.invocation_metadata())
         worker = self.router.select(md.get(MODEL_KEY, ""), SelectionInfo(),
-                                    md.get(TARGET_WORKER_KEY, ""))
+                                    md.get(TARGET_WORKER_KEY, ""),
+                                    worker_type=self.router.default_leg)
         return worker, md
 
     async def Generate(self, request: pb.GenerateRequest,
@@ -75,12 +76,14 @@ class SchedulerProxy(pb_grpc.SglangSchedulerServicer):
 
     async def Abort(self, request: pb.AbortRequest,
                     context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        worker = self.router.worker_of_request(request.request_id)
-        if worker is None:
+        workers = self.router.workers_of_request(request.request_id)
+        if not workers:
             return pb.AbortResponse(success=False, message="request not in flight on this router")
-        ok = await self.router.client(worker).abort(
+        results = [await self.router.client(w).abort(
             request.request_id, request.reason, self.router.config.abort_timeout_secs)
-        return pb.AbortResponse(success=ok, message=f"forwarded to {worker.url}")
+            for w in workers]
+        return pb.AbortResponse(success=any(results),
+                                message=f"forwarded to {', '.join(w.url for w in workers)}")
 
     async def HealthCheck(self, request: pb.HealthCheckRequest,
                           context: grpc.aio.ServicerContext) -> pb.HealthCheckResponse:

@@ -72,6 +72,7 @@ class Worker:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker, repr=False)
     engine_load: EngineLoad | None = None
     removing: bool = False
+    _dp_cursor: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -87,6 +88,12 @@ class Worker:
     def load(self) -> int:
         """The load policies compare: requests this router has in flight on the worker."""
         return self.in_flight
+
+    def next_dp_rank(self) -> int:
+        """Data-parallel rank for the next request (round robin over ``dp_size``)."""
+        rank = self._dp_cursor % max(1, self.dp_size)
+        self._dp_cursor += 1
+        return rank
 
     @contextmanager
     def track(self) -> Iterator[None]:
