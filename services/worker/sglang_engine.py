@@ -88,6 +88,9 @@ class SglangSettings:
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998
     argv: list[str] = field(default_factory=list)
+    # "--smg-grpc-mode" where SGLang's parser has it (0.5.2x; "--grpc-mode" is its deprecated
+    # alias there), else "--grpc-mode" (0.5.17)
+    grpc_mode_flag: str = "--grpc-mode"
 
 
 def _light_parser() -> argparse.ArgumentParser:
@@ -159,6 +162,7 @@ def parse_sglang_args(argv: Sequence[str], server_args_cls: Any = None,
         raise SglangUnavailable(f"invalid SGLang flags: {exc}") from None
     if not getattr(ns, "model_path", None):
         raise SglangUnavailable("SGLang needs --model-path (after `--`)")
+    flags = {opt for action in parser._actions for opt in action.option_strings}
     try:
         probe = server_args_cls.from_cli_args(ns)
         if hasattr(probe, "resolve_once"):  # sglang >= 0.5.20: a sealed msgspec record
@@ -169,7 +173,10 @@ def parse_sglang_args(argv: Sequence[str], server_args_cls: Any = None,
         raise
     except Exception as exc:
         raise SglangUnavailable(f"SGLang rejected its flags: {type(exc).__name__}: {exc}") from None
-    return _settings_from(ns, argv)
+    settings = _settings_from(ns, argv)
+    if "--smg-grpc-mode" in flags:
+        settings.grpc_mode_flag = "--smg-grpc-mode"
+    return settings
 
 
 # ----------------------------------------------------------------------------- environment
@@ -178,6 +185,14 @@ def parse_sglang_args(argv: Sequence[str], server_args_cls: Any = None,
 def sglang_version() -> str | None:
     try:
         return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def servicer_version() -> str | None:
+    """smg-grpc-servicer's version (it serves SGLang's gRPC mode since 0.5.2x)."""
+    try:
+        return importlib.metadata.version("smg-grpc-servicer")
     except importlib.metadata.PackageNotFoundError:
         return None
 
@@ -289,7 +304,7 @@ _NO_VALUE = ("--grpc-mode", "--smg-grpc-mode")
 
 
 def merge_args(user_argv: Sequence[str], *, child_port: int, log_level: str,
-               kv_config: str) -> list[str]:
+               kv_config: str, grpc_mode_flag: str = "--grpc-mode") -> list[str]:
     """The child's SGLang flags: the user's, minus host/port/gRPC-mode/KV-events (which the
     wrapper owns), plus ``--grpc-mode --host 127.0.0.1 --port P --kv-events-config J`` and
     sglmesh's log level unless the user set SGLang's."""
@@ -304,7 +319,7 @@ def merge_args(user_argv: Sequence[str], *, child_port: int, log_level: str,
             skip = "=" not in arg and name not in _NO_VALUE
             continue
         out.append(arg)
-    out += ["--grpc-mode", "--host", LOOPBACK, "--port", str(child_port),
+    out += [grpc_mode_flag, "--host", LOOPBACK, "--port", str(child_port),
             "--kv-events-config", kv_config]
     if log_level and not _user_gave(user_argv, "--log-level"):
         out += ["--log-level", log_level]
@@ -624,7 +639,7 @@ def prepare(config: Any, user_argv: Sequence[str], settings: SglangSettings,
         kv = kv_events_config(base, supports_bind)
         raw = json.dumps(kv)
     args = merge_args(user_argv, child_port=child_port, log_level=config.log_level,
-                      kv_config=raw)
+                      kv_config=raw, grpc_mode_flag=settings.grpc_mode_flag)
     return Wrapper(settings, args, build_command(config.sglang_launcher, args), child_env(),
                    child_port, kv, model_facts(settings.model_path, settings.tokenizer_path,
                                                settings.context_length), version)
@@ -683,6 +698,7 @@ async def serve_sglang(config: Any, wrapper: Wrapper) -> int:
         args.update({"host": config.host, "port": public.get("port", config.port),
                      "sglmesh_wrapper": {"child_port": wrapper.child_port,
                                          "sglang_version": wrapper.sglang_version,
+                                         "smg_grpc_servicer_version": servicer_version() or "",
                                          "child_command": shlex.join(wrapper.command)}})
         return info.SerializeToString()
 
@@ -761,6 +777,9 @@ def main_sglang(config: Any) -> int:
     except PreflightError as exc:
         print(f"worker: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if not custom:
+        log.info("SGLang %s, smg-grpc-servicer %s, KV events bind option: %s", version,
+                 servicer_version() or "-", kv_events_supports_bind())
     warning = gpu_fit_warning(settings.tp_size, settings.dp_size)
     if warning:
         log.warning("%s", warning)

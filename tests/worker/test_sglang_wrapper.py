@@ -194,6 +194,18 @@ def test_parse_with_sglangs_own_parser_interface() -> None:
     s = se.parse_sglang_args(["--model", "/m", "--tensor-parallel-size", "4", "--page-size", "16"],
                              server_args_cls=StandInServerArgs)
     assert (s.model_path, s.tp_size, s.page_size) == ("/m", 4, 16)
+    assert s.grpc_mode_flag == "--grpc-mode"  # the stand-in has no --smg-grpc-mode
+
+    class Newer(StandInServerArgs):  # 0.5.2x: --smg-grpc-mode exists, --grpc-mode is its alias
+        @staticmethod
+        def add_cli_args(parser: argparse.ArgumentParser) -> None:
+            StandInServerArgs.add_cli_args(parser)
+            parser.add_argument("--smg-grpc-mode", "--grpc-mode", action="store_true")
+
+    newer = se.parse_sglang_args(["--model", "/m"], server_args_cls=Newer)
+    assert newer.grpc_mode_flag == "--smg-grpc-mode"
+    assert se.merge_args([], child_port=1, log_level="", kv_config="{}",
+                         grpc_mode_flag=newer.grpc_mode_flag)[0] == "--smg-grpc-mode"
     with pytest.raises(se.SglangUnavailable, match="power of two"):
         se.parse_sglang_args(["--model", "/m", "--tp-size", "3"], server_args_cls=StandInServerArgs)
     with pytest.raises(se.SglangUnavailable, match="invalid SGLang flags"):
