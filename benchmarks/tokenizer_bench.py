@@ -98,7 +98,8 @@ def timed_pair(a: Callable[[], Any], b: Callable[[], Any],
     both alike; returns their durations."""
     a()
     b()
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for n in range(runs):
         for fn, out in ((a, ta), (b, tb)) if n % 2 == 0 else ((b, tb), (a, ta)):
             start = time.perf_counter()

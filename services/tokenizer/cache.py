@@ -171,10 +171,9 @@ class EncodeCache:
                 results[n] = ids
         if self.exact is not None:
             for n, key in enumerate(keys):
-                ids = results[n]
-                assert ids is not None
-                if not self.exact.contains(key):
-                    self.exact.put(key, _ids(ids))
+                found = results[n]
+                if found is not None and not self.exact.contains(key):
+                    self.exact.put(key, _ids(found))
         return [r if r is not None else [] for r in results]
 
     def stats(self) -> dict[str, CacheStats]:

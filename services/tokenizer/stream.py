@@ -88,9 +88,9 @@ class DecodeSession:
         if self.tools is not None:
             parsed = self.tools.push(delta.text)
             if end:
-                tail = self.tools.flush()
-                parsed.text += tail.text
-                parsed.calls.extend(tail.calls)
+                last = self.tools.flush()
+                parsed.text += last.text
+                parsed.calls.extend(last.calls)
             delta.text, delta.tool_calls = parsed.text, _merge(parsed.calls)
         self.finished = finished
         return delta

@@ -969,7 +969,6 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
 
 # Model-name globs (lower case) -> parser, first match wins (SMG's ParserFactory::map_model).
 MODEL_PATTERNS: list[tuple[str, str]] = [
-    ("*qwen3-coder*", "hermes"),
     ("*qwen*", "hermes"),
     ("*hermes*", "hermes"),
     ("*llama-4*", "pythonic"),
