@@ -1,17 +1,31 @@
 """The embedded ``torch`` engine: a transformers causal LM served from one background thread.
 
-Scheduling is iteration-level (continuous batching): one engine loop step admits waiting
-requests (one prefill forward pass each, which also samples their first token) and advances
-every other running request by exactly one token. Requests join and leave between two steps.
+Scheduling is iteration-level (continuous batching). One engine step
 
-Each request owns its KV cache (a transformers ``DynamicCache``). With ``batch_decode`` (the
-default) the decode tokens of all running requests are computed in ONE batched forward pass:
-their caches are left-padded to a common length and stacked, an attention mask hides the
-padding, and position ids continue each request's own sequence; each request then takes back
-its slice. Prefills run one request at a time. In float32 batched greedy output equals
-unbatched greedy output token for token; in bfloat16 the different reduction shapes can flip a
-near-tie after a few dozen tokens (numerics, not a masking error). ``batch_decode=False``
-interleaves one forward pass per request instead.
+1. admits waiting samples while fewer than ``max_running_requests`` run;
+2. spends a prefill budget of ``prefill_chunk`` tokens on the samples still prefilling, in
+   admission order (a long prompt is prefilled over several steps, so the others keep
+   decoding in between); a sample whose prompt is complete samples its first token;
+3. advances every sample that was already decoding by one token, in ONE batched forward
+   pass (``batch_decode``): the samples' own KV caches are left-padded to a common length and
+   stacked, an attention mask hides the padding and position ids continue each sample's own
+   sequence; each sample then takes back its slice.
+
+Each sample owns its KV cache (a transformers ``DynamicCache``). The prefix cache
+(:class:`~services.worker.prefix_cache.BlockCache`) keeps copies of the KV of full
+``block_size``-token blocks of prompts (and of finished outputs); a new sample copies the KV of
+its longest cached prefix into its own cache and prefills only the rest, and reports those
+tokens as ``cached_tokens``. The cache's stored / removed / cleared blocks are published on
+:attr:`TorchEngine.kv_events`.
+
+``n > 1`` runs ``n`` samples of one prompt (the later ones reuse the first one's prompt
+blocks through the prefix cache); sample ``i`` of a seeded request uses ``seed + i``.
+Log probabilities are those of the model's raw distribution (log-softmax of the logits before
+temperature, penalties and filtering). Stop strings are matched on the decoded tail of the
+output (:mod:`services.worker.stop_strings`).
+
+In float32, batched and cached outputs equal unbatched, uncached greedy outputs token for token;
+in bfloat16 different reduction shapes can flip a near-tie after a few dozen tokens.
 
 All model work happens in the engine thread; the asyncio side only enqueues work and reads
 outputs, so the event loop is never blocked. Plain Python: no transport types here.
@@ -26,91 +40,49 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.worker.engine_api import (
+    EngineError,
+    EngineLoads,
+    EngineOutput,
+    SamplingOptions,
+    TokenLogprobs,
+)
+from services.worker.kv_events import KvEventLog
+from services.worker.prefix_cache import BlockCache
+from services.worker.stop_strings import StopStringMatcher
+
+__all__ = ["EngineError", "EngineLoads", "EngineOutput", "InvalidRequest", "SamplingOptions",
+           "TokenLogprobs", "TorchEngine"]
+
 log = logging.getLogger(__name__)
 
-
-class EngineError(Exception):
-    """A request the engine cannot take (duplicate id, too long, engine stopped)."""
+THROUGHPUT_WINDOW = 5.0
 
 
-@dataclass
-class SamplingOptions:
-    """Semantic sampling parameters (already defaulted: no proto3 zeros here)."""
+class InvalidRequest(EngineError):
+    """A request the engine rejects for its content (the servicer answers INVALID_ARGUMENT)."""
 
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = -1  # -1 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    max_new_tokens: int | None = None  # None = up to the context length
-    min_new_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
-@dataclass
-class EngineOutput:
-    """One step's result for one request. Token counts are cumulative."""
+class _Group:
+    """One client request: ``n`` samples sharing a request id and an output queue."""
 
-    request_id: str
-    new_token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    matched_token_id: int | None = None
-    output_ids: list[int] = field(default_factory=list)  # all output ids so far (on finish)
-    abort_message: str = ""
-
-
-@dataclass
-class EngineLoads:
-    num_running: int
-    num_waiting: int
-    num_used_tokens: int
-    max_total_num_tokens: int
-    max_running_requests: int
-    gen_throughput: float  # generated tokens per second over the last few seconds
-    total_requests: int
-    num_waiting_tokens: int = 0  # prompt tokens of waiting requests (none are cached)
-
-    @property
-    def token_usage(self) -> float:
-        if not self.max_total_num_tokens:
-            return 0.0
-        return self.num_used_tokens / self.max_total_num_tokens
-
-
-class _Request:
-    def __init__(self, request_id: str, input_ids: list[int], options: SamplingOptions,
-                 loop: asyncio.AbstractEventLoop, max_new_tokens: int) -> None:
+    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
-        self.input_ids = list(input_ids)
-        self.options = options
         self.loop = loop
         self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.max_new_tokens = max_new_tokens
-        self.output_ids: list[int] = []
-        self.cache: Any = None
-        self.next_input: list[int] = self.input_ids
-        self.finished = False
-        self.generator: Any = None
-        self.counts: Any = None  # output token counts (for frequency/presence penalties)
-        self.seen: Any = None  # prompt+output token ids (for the repetition penalty)
-        self.admitted_at: float | None = None
+        self.samples: list[_Sample] = []
+        self.submitted_at = time.monotonic()
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.input_ids) + len(self.output_ids)
+    def finished(self) -> bool:
+        return all(s.finished for s in self.samples)
 
     def post(self, output: EngineOutput) -> None:
         try:
@@ -119,21 +91,60 @@ class _Request:
             pass
 
 
+class _Sample:
+    def __init__(self, group: _Group, index: int, input_ids: list[int],
+                 options: SamplingOptions, max_new_tokens: int, hashes: list[int]) -> None:
+        self.group = group
+        self.index = index
+        self.request_id = group.request_id
+        self.input_ids = input_ids
+        self.options = options
+        self.max_new_tokens = max_new_tokens
+        self.hashes = hashes  # chained block hashes of the prompt
+        self.output_ids: list[int] = []
+        self.released = 0  # output tokens sent to the consumer
+        self.cache: Any = None
+        self.prefill_pos = 0  # prompt tokens whose KV is in ``cache``
+        self.cached_tokens = 0
+        self.decoding = False
+        self.finished = False
+        self.generator: Any = None
+        self.counts: Any = None
+        self.seen: Any = None
+        self.stop_matcher: StopStringMatcher | None = None
+        self.logprobs: TokenLogprobs | None = TokenLogprobs() if options.return_logprob else None
+        self.input_logprobs: TokenLogprobs | None = None
+        self.sent_first = False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill_pos + len(self.output_ids)
+
+
 class TorchEngine:
     """A transformers causal LM with continuous (iteration-level) scheduling on one thread."""
 
+    name = "torch"
+
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "bfloat16",
                  max_running_requests: int = 8, context_length: int = 0,
-                 num_threads: int = 0, batch_decode: bool = True) -> None:
+                 num_threads: int = 0, batch_decode: bool = True, block_size: int = 16,
+                 prefix_cache_tokens: int = 16384, prefill_chunk: int = 256,
+                 kv_event_buffer: int = 10000) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        if prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model_path = Path(model_path)
         self.device = torch.device(device)
         if num_threads <= 0:
             num_threads = max(1, os.cpu_count() or 1)
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads)
+        self.dtype = dtype
         self.torch_dtype = getattr(torch, dtype)
         start = time.monotonic()
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
@@ -146,13 +157,26 @@ class TorchEngine:
             self.generation_config = GenerationConfig.from_pretrained(self.model_path)
         except OSError:
             self.generation_config = None
+        self.tokenizer: Any = None
+        tokenizer_file = self.model_path / "tokenizer.json"
+        if tokenizer_file.is_file():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 4096
         self.context_length = min(context_length, model_max) if context_length > 0 else model_max
         self.vocab_size = int(self.hf_config.vocab_size)
         self.eos_token_ids = self._eos_ids()
+        bos = getattr(self.hf_config, "bos_token_id", None)
+        self.bos_token_id: int | None = int(bos) if isinstance(bos, int) else None
         self.max_running_requests = max_running_requests
         self.batch_decode = batch_decode
-        self.max_total_num_tokens = self.context_length * max_running_requests
+        self.block_size = block_size
+        self.prefill_chunk = prefill_chunk
+        self.kv_events: KvEventLog | None = KvEventLog(block_size, kv_event_buffer)
+        self.prefix_cache = BlockCache(block_size, prefix_cache_tokens, self.kv_events)
+        self.max_total_num_tokens = (self.context_length * max_running_requests
+                                     + self.prefix_cache.capacity_tokens)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         cfg = self.hf_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -162,14 +186,17 @@ class TorchEngine:
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._requests: dict[str, _Request] = {}
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._running: list[_Request] = []
+        self._groups: dict[str, _Group] = {}
+        self._waiting: collections.deque[_Sample] = collections.deque()
+        self._running: list[_Sample] = []
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._generated: collections.deque[tuple[float, int]] = collections.deque()
         self.total_requests = 0
         self.steps = 0
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
+        self.generated_tokens_total = 0
         self.last_error: str = ""
 
     def _eos_ids(self) -> list[int]:
@@ -193,90 +220,143 @@ class TorchEngine:
     def stop(self) -> None:
         with self._wake:
             self._stopped = True
-            pending = list(self._requests.values())
+            pending = list(self._groups)
             self._wake.notify_all()
-        for req in pending:
-            self.abort(req.request_id, "engine stopped")
+        for rid in pending:
+            self.abort(rid, "engine stopped")
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     # --------------------------------------------------------------------- public API
 
-    def submit(self, request_id: str, input_ids: list[int],
-               options: SamplingOptions) -> _Request:
-        """Queues a request; its outputs arrive on the returned handle's queue."""
+    def _validate(self, input_ids: list[int], options: SamplingOptions) -> int:
         if not input_ids:
-            raise EngineError("input_ids is empty")
+            raise InvalidRequest("tokenized.input_ids", "input_ids is empty")
         if len(input_ids) >= self.context_length:
-            raise EngineError(
-                f"prompt has {len(input_ids)} tokens; the context length is {self.context_length}")
+            raise InvalidRequest(
+                "tokenized.input_ids",
+                f"prompt has {len(input_ids)} tokens; the context length is "
+                f"{self.context_length}")
+        if options.n < 1:
+            raise InvalidRequest("sampling_params.n", f"n must be >= 1, got {options.n}")
+        if options.stop and self.tokenizer is None:
+            raise InvalidRequest("sampling_params.stop",
+                                 "stop strings need the model's tokenizer.json")
+        if options.top_logprobs_num < 0:
+            raise InvalidRequest("top_logprobs_num",
+                                 f"top_logprobs_num must be >= 0, got {options.top_logprobs_num}")
+        bad = [t for t in options.token_ids_logprob if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest("token_ids_logprob",
+                                 f"token id {bad[0]} is out of the vocabulary")
         budget = self.context_length - len(input_ids)
-        max_new = budget if options.max_new_tokens is None else min(options.max_new_tokens, budget)
-        req = _Request(request_id, input_ids, options, asyncio.get_running_loop(), max_new)
+        return budget if options.max_new_tokens is None else min(options.max_new_tokens, budget)
+
+    def submit(self, request_id: str, input_ids: list[int], options: SamplingOptions) -> _Group:
+        """Queues a request (``options.n`` samples); outputs arrive on the group's queue."""
+        max_new = self._validate(input_ids, options)
+        ids = [int(t) for t in input_ids]
+        hashes = self.prefix_cache.hashes(ids)
+        group = _Group(request_id, options.n, asyncio.get_running_loop())
+        group.samples = [_Sample(group, i, ids, options, max_new, hashes)
+                         for i in range(options.n)]
         with self._wake:
             if self._stopped:
                 raise EngineError("the engine is stopped")
-            if request_id in self._requests:
+            if request_id in self._groups:
                 raise EngineError(f"request_id {request_id!r} is already running")
-            self._requests[request_id] = req
-            self._waiting.append(req)
+            self._groups[request_id] = group
+            self._waiting.extend(group.samples)
             self.total_requests += 1
             self._wake.notify_all()
-        return req
+        return group
 
     async def generate(self, request_id: str, input_ids: list[int],
                        options: SamplingOptions) -> AsyncGenerator[EngineOutput, None]:
-        """Yields outputs until (and including) the finishing one.
+        """Yields outputs of every sample index until each has finished.
 
         Closing the generator or cancelling its consumer before the end aborts the request.
         """
-        req = self.submit(request_id, input_ids, options)
+        group = self.submit(request_id, input_ids, options)
+        remaining = options.n
         try:
-            while True:
-                output = await req.queue.get()
+            while remaining:
+                output = await group.queue.get()
                 yield output
                 if output.finished:
-                    return
+                    remaining -= 1
         finally:
-            if not req.finished:
+            if remaining:
                 self.abort(request_id, "consumer went away")
 
     def abort(self, request_id: str, message: str = "aborted") -> bool:
-        """Frees the request now (KV cache included); its consumer gets a finish "abort"."""
+        """Frees the request now (KV included); each unfinished sample ends with "abort"."""
         with self._wake:
-            req = self._requests.pop(request_id, None)
-            if req is None:
+            group = self._groups.pop(request_id, None)
+            if group is None:
                 return False
-            req.finished = True
-            if req in self._waiting:
-                self._waiting.remove(req)
-            if req in self._running:
-                self._running.remove(req)
-            req.cache = None
-        req.post(EngineOutput(
-            request_id, [], len(req.input_ids), len(req.output_ids), finished=True,
-            finish_reason="abort", output_ids=list(req.output_ids), abort_message=message))
+            victims = [s for s in group.samples if not s.finished]
+            for sample in victims:
+                sample.finished = True
+                sample.cache = None
+                if sample in self._waiting:
+                    self._waiting.remove(sample)
+                if sample in self._running:
+                    self._running.remove(sample)
+        for sample in victims:
+            out = list(sample.output_ids[:sample.released])
+            group.post(EngineOutput(
+                request_id, [], len(sample.input_ids), len(out),
+                cached_tokens=sample.cached_tokens, finished=True, finish_reason="abort",
+                output_ids=out, abort_message=message, index=sample.index,
+                all_output_logprobs=self._logprob_slice(sample, 0, len(out))))
         return True
 
     def active_requests(self) -> int:
         with self._lock:
-            return len(self._requests)
+            return len(self._groups)
+
+    def flush_cache(self) -> tuple[bool, str]:
+        """Drops the prefix cache. Running samples keep their own KV, so this is always safe."""
+        count = self.prefix_cache.clear()
+        return True, f"flushed {count} cached blocks ({count * self.block_size} tokens)"
 
     def loads(self) -> EngineLoads:
         now = time.monotonic()
         with self._lock:
-            used = sum(r.num_tokens for r in self._running)
-            while self._generated and now - self._generated[0][0] > 5.0:
+            active = sum(s.num_tokens for s in self._running)
+            waiting = list(self._waiting)
+            while self._generated and now - self._generated[0][0] > THROUGHPUT_WINDOW:
                 self._generated.popleft()
             generated = sum(n for _, n in self._generated)
-            window = min(5.0, now - self._generated[0][0]) if self._generated else 0.0
-            return EngineLoads(
-                num_running=len(self._running), num_waiting=len(self._waiting),
-                num_used_tokens=used, max_total_num_tokens=self.max_total_num_tokens,
-                max_running_requests=self.max_running_requests,
-                gen_throughput=generated / max(window, 1.0) if generated else 0.0,
-                total_requests=self.total_requests,
-                num_waiting_tokens=sum(len(r.input_ids) for r in self._waiting))
+            running = len(self._running)
+        uncached = 0
+        for sample in waiting:
+            hit = self.prefix_cache.match(sample.hashes, len(sample.input_ids) - 1, touch=False)
+            uncached += len(sample.input_ids) - len(hit) * self.block_size
+        used = active + self.prefix_cache.num_tokens
+        return EngineLoads(
+            num_running=running, num_waiting=len(waiting), num_used_tokens=used,
+            max_total_num_tokens=self.max_total_num_tokens,
+            max_running_requests=self.max_running_requests,
+            gen_throughput=generated / THROUGHPUT_WINDOW if generated else 0.0,
+            total_requests=self.total_requests, num_waiting_tokens=uncached,
+            cache_hit_rate=(self.cached_tokens_total / self.prompt_tokens_total
+                            if self.prompt_tokens_total else 0.0),
+            num_active_tokens=active, weight_bytes=self.weight_bytes,
+            kv_cache_bytes=used * self.kv_bytes_per_token)
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": self.name, "batch_decode": self.batch_decode, "dtype": self.dtype,
+                "device": str(self.device),
+                "scheduling": "iteration-level (continuous batching), chunked prefill",
+                "max_running_requests": self.max_running_requests,
+                "max_total_num_tokens": self.max_total_num_tokens,
+                "prefill_chunk": self.prefill_chunk, "block_size": self.block_size,
+                "prefix_cache_tokens": self.prefix_cache.capacity_tokens,
+                "prefix_cache_blocks": self.prefix_cache.num_blocks,
+                "model_load_seconds": round(self.load_seconds, 3), "steps": self.steps,
+                "total_requests": self.total_requests}
 
     # --------------------------------------------------------------------- engine thread
 
@@ -290,165 +370,344 @@ class TorchEngine:
                         self._wake.wait()
                     if self._stopped:
                         return
-                    admitted: list[_Request] = []
-                    while self._waiting and len(self._running) + len(admitted) < \
-                            self.max_running_requests:
-                        admitted.append(self._waiting.popleft())
-                    decoding = list(self._running)
-                    self._running.extend(admitted)
+                    while self._waiting and len(self._running) < self.max_running_requests:
+                        self._running.append(self._waiting.popleft())
+                    prefilling = [s for s in self._running if not s.decoding]
+                    decoding = [s for s in self._running if s.decoding]
                 try:
-                    for req in admitted:
-                        self._step(req, prefill=True)
-                    live = [r for r in decoding if not r.finished]
+                    budget = self.prefill_chunk
+                    for sample in prefilling:
+                        if budget <= 0:
+                            break
+                        budget -= self._prefill(sample, budget)
+                    live = [s for s in decoding if not s.finished]
                     if self.batch_decode and len(live) > 1:
                         self._decode_batch(live)
                     else:
-                        for req in live:
-                            self._step(req, prefill=False)
+                        for sample in live:
+                            self._decode_one(sample)
                     self.steps += 1
                 except Exception as exc:  # a broken step fails its requests, not the thread
                     log.exception("engine step failed")
                     self.last_error = str(exc)
-                    for req in admitted + decoding:
-                        self.abort(req.request_id, f"engine error: {exc}")
+                    for rid in {s.request_id for s in prefilling + decoding}:
+                        self.abort(rid, f"engine error: {exc}")
 
-    def _step(self, req: _Request, prefill: bool) -> None:
-        """One forward pass for one request (its prefill, or one decode token)."""
-        import torch
+    def _new_cache(self, layers: list[tuple[Any, Any]] | None = None) -> Any:
         from transformers import DynamicCache
 
-        if req.finished:
-            return
-        if prefill:
-            req.admitted_at = time.monotonic()
-            req.cache = DynamicCache(config=self.hf_config)
-            self._init_sampling_state(req)
-        ids = torch.tensor([req.next_input], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=req.cache, use_cache=True,
-                         logits_to_keep=1)
-        self._accept(req, out.logits[0, -1].float())
+        if layers:
+            return DynamicCache(ddp_cache_data=layers, config=self.hf_config)
+        return DynamicCache(config=self.hf_config)
 
-    def _batchable(self, req: _Request) -> bool:
+    def _start_prefill(self, sample: _Sample) -> None:
+        import torch
+
+        opts = sample.options
+        limit = len(sample.input_ids) - 1  # the last prompt token is always computed
+        if opts.return_logprob and 0 <= opts.logprob_start_len < len(sample.input_ids):
+            # input logprobs need the logits from position logprob_start_len - 1 on
+            limit = min(limit, max(opts.logprob_start_len - 1, 0))
+            sample.input_logprobs = TokenLogprobs()
+        hits = self.prefix_cache.match(sample.hashes, limit)
+        layers: list[tuple[Any, Any]] = []
+        if hits:
+            for i in range(len(hits[0].kv)):
+                keys = torch.cat([b.kv[i][0] for b in hits], dim=2)
+                values = torch.cat([b.kv[i][1] for b in hits], dim=2)
+                layers.append((keys.to(self.device), values.to(self.device)))
+        sample.cache = self._new_cache(layers)
+        sample.prefill_pos = sample.cached_tokens = len(hits) * self.block_size
+        with self._lock:
+            self.prompt_tokens_total += len(sample.input_ids)
+            self.cached_tokens_total += sample.cached_tokens
+        self._init_sampling_state(sample)
+
+    def _prefill(self, sample: _Sample, budget: int) -> int:
+        """Prefills up to ``budget`` prompt tokens; samples the first token at the end."""
+        import torch
+
+        if sample.finished:
+            return 0
+        if sample.cache is None:
+            self._start_prefill(sample)
+        ids = sample.input_ids
+        begin = sample.prefill_pos
+        end = min(len(ids), begin + budget)
+        want_input = sample.input_logprobs is not None and \
+            end > sample.options.logprob_start_len - 1
+        chunk = torch.tensor([ids[begin:end]], dtype=torch.long, device=self.device)
+        positions = torch.arange(begin, end, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=chunk, position_ids=positions, past_key_values=sample.cache,
+                         use_cache=True, logits_to_keep=0 if want_input else 1)
+        logits = out.logits[0].float()
+        if want_input:
+            self._input_logprobs(sample, begin, end, logits)
+        with self._lock:
+            if sample.finished:  # aborted while its forward pass ran
+                sample.cache = None
+                return end - begin
+            sample.prefill_pos = end
+        self._cache_blocks(sample, ids[:end])
+        if end == len(ids):
+            sample.decoding = True
+            self._accept(sample, logits[-1])
+        return end - begin
+
+    def _input_logprobs(self, sample: _Sample, begin: int, end: int, logits: Any) -> None:
+        """Input logprobs of prompt positions ``(begin, end]`` from this chunk's logits."""
+        import torch
+
+        acc = sample.input_logprobs
+        assert acc is not None
+        opts = sample.options
+        ids = sample.input_ids
+        start = max(opts.logprob_start_len, 0)
+        if begin == 0 and start == 0:
+            acc.token_ids.append(ids[0])
+            acc.logprobs.append(None)
+            acc.top.append([])
+            acc.requested.append([])
+        first = max(begin + 1, start, 1)
+        last = min(end, len(ids) - 1)  # position end predicts ids[end]
+        if first > last:
+            return
+        rows = logits[first - 1 - begin:last - begin]
+        logprobs = torch.log_softmax(rows, dim=-1)
+        targets = torch.tensor(ids[first:last + 1], dtype=torch.long)
+        picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        acc.token_ids += ids[first:last + 1]
+        acc.logprobs += picked
+        acc.top += self._top(logprobs, opts.top_logprobs_num)
+        acc.requested += self._requested(logprobs, opts.token_ids_logprob)
+
+    @staticmethod
+    def _top(logprobs: Any, k: int) -> list[list[tuple[int, float]]]:
+        import torch
+
+        if k <= 0:
+            return [[] for _ in range(logprobs.shape[0])]
+        values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+        return [list(zip(i, v, strict=True))
+                for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+
+    @staticmethod
+    def _requested(logprobs: Any, token_ids: list[int]) -> list[list[tuple[int, float]]]:
+        if not token_ids:
+            return [[] for _ in range(logprobs.shape[0])]
+        values = logprobs[:, token_ids].tolist()
+        return [list(zip(token_ids, row, strict=True)) for row in values]
+
+    def _cache_blocks(self, sample: _Sample, token_ids: list[int]) -> None:
+        """Copies the KV of the full blocks of ``token_ids`` (all in the sample's cache)
+        into the prefix cache (blocks cached already are only touched)."""
+        if self.prefix_cache.capacity_blocks == 0 or sample.cache is None:
+            return
+        hashes = sample.hashes if len(token_ids) <= len(sample.input_ids) else \
+            self.prefix_cache.hashes(token_ids)
+        hashes = hashes[:len(token_ids) // self.block_size]
+        if not hashes:
+            return
+        layers = sample.cache.layers
+        bs = self.block_size
+
+        def kv(i: int) -> list[tuple[Any, Any]]:
+            return [(layer.keys[:, :, i * bs:(i + 1) * bs].clone(),
+                     layer.values[:, :, i * bs:(i + 1) * bs].clone()) for layer in layers]
+
+        self.prefix_cache.insert(token_ids, hashes, kv)
+
+    def _decode_one(self, sample: _Sample) -> None:
+        import torch
+
+        if sample.finished:
+            return
+        position = sample.num_tokens - 1
+        ids = torch.tensor([[sample.output_ids[-1]]], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[position]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, position_ids=positions, past_key_values=sample.cache,
+                         use_cache=True, logits_to_keep=1)
+        self._accept(sample, out.logits[0, -1].float())
+
+    def _batchable(self, sample: _Sample) -> bool:
         from transformers.cache_utils import DynamicLayer
 
-        return req.cache is not None and all(
-            type(layer) is DynamicLayer for layer in req.cache.layers)
+        return sample.cache is not None and all(
+            type(layer) is DynamicLayer for layer in sample.cache.layers)
 
-    def _decode_batch(self, reqs: list[_Request]) -> None:
-        """One decode token for several requests in ONE forward pass.
-
-        The requests' own KV caches are left-padded to a common length and stacked; an
-        attention mask hides the padding and position ids continue each request's own
-        sequence. Afterwards each request gets back its slice (old KV + the new token).
-        """
+    def _decode_batch(self, samples: list[_Sample]) -> None:
+        """One decode token for several samples in ONE forward pass (left padding + mask)."""
         import torch
         import torch.nn.functional as F
-        from transformers import DynamicCache
 
-        singles = [r for r in reqs if not self._batchable(r)]
-        reqs = [r for r in reqs if self._batchable(r)]
-        for req in singles:
-            self._step(req, prefill=False)
-        if len(reqs) < 2:
-            for req in reqs:
-                self._step(req, prefill=False)
+        singles = [s for s in samples if not self._batchable(s)]
+        samples = [s for s in samples if self._batchable(s)]
+        for sample in singles:
+            self._decode_one(sample)
+        if len(samples) < 2:
+            for sample in samples:
+                self._decode_one(sample)
             return
-        lengths = [r.cache.get_seq_length() for r in reqs]
+        lengths = [s.cache.get_seq_length() for s in samples]
         longest = max(lengths)
         layers = []
-        for i in range(len(reqs[0].cache.layers)):
+        for i in range(len(samples[0].cache.layers)):
             keys, values = [], []
-            for req, length in zip(reqs, lengths, strict=True):
-                layer = req.cache.layers[i]
+            for sample, length in zip(samples, lengths, strict=True):
+                layer = sample.cache.layers[i]
                 pad = (0, 0, longest - length, 0)
                 keys.append(F.pad(layer.keys, pad))
                 values.append(F.pad(layer.values, pad))
             layers.append((torch.cat(keys), torch.cat(values)))
-        batch = DynamicCache(ddp_cache_data=layers, config=self.hf_config)
-        mask = torch.zeros((len(reqs), longest + 1), dtype=torch.long, device=self.device)
+        batch = self._new_cache(layers)
+        mask = torch.zeros((len(samples), longest + 1), dtype=torch.long, device=self.device)
         for row, length in enumerate(lengths):
             mask[row, longest - length:] = 1
-        ids = torch.tensor([r.next_input for r in reqs], dtype=torch.long, device=self.device)
+        ids = torch.tensor([[s.output_ids[-1]] for s in samples], dtype=torch.long,
+                           device=self.device)
         positions = torch.tensor([[n] for n in lengths], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=batch, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         filled: list[Any] = list(batch.layers)
-        for row, (req, length) in enumerate(zip(reqs, lengths, strict=True)):
+        for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
             start = longest - length
-            req.cache = DynamicCache(ddp_cache_data=[
+            sample.cache = self._new_cache([
                 (layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:])
-                for layer in filled], config=self.hf_config)
-            self._accept(req, logits[row])
+                for layer in filled])
+            self._accept(sample, logits[row])
 
-    def _accept(self, req: _Request, logits: Any) -> None:
-        """Samples the next token from ``logits`` and publishes it."""
-        token = self._sample(req, logits)
+    # --------------------------------------------------------------------- sampling
+
+    def _accept(self, sample: _Sample, logits: Any) -> None:
+        """Samples the next token from ``logits``, checks the finish and publishes."""
+        import torch
+
+        opts = sample.options
+        logits = logits[: self.vocab_size].cpu()
+        if sample.logprobs is not None:
+            logprobs = torch.log_softmax(logits, dim=-1).unsqueeze(0)
+        token = self._sample(sample, logits)
+        if sample.logprobs is not None:
+            sample.logprobs.token_ids.append(token)
+            sample.logprobs.logprobs.append(float(logprobs[0, token]))
+            sample.logprobs.top += self._top(logprobs, opts.top_logprobs_num)
+            sample.logprobs.requested += self._requested(logprobs, opts.token_ids_logprob)
+        sample.output_ids.append(token)
+        if sample.counts is not None:
+            sample.counts[token] += 1
+        if sample.seen is not None:
+            sample.seen[token] = True
+        finish_reason, matched_token, matched_str = self._check_finish(sample, token)
+        release = len(sample.output_ids)
+        if sample.stop_matcher is not None:
+            check = sample.stop_matcher.check(
+                sample.output_ids, sample.released,
+                allow_match=finish_reason is None and
+                len(sample.output_ids) >= opts.min_new_tokens)
+            if check.matched is not None:
+                finish_reason, matched_token, matched_str = "stop", None, check.matched
+                release = check.release
+            elif finish_reason is None:
+                release = check.release
+        finished = finish_reason is not None
         with self._lock:
-            if req.finished:  # aborted while its forward pass ran
-                req.cache = None
+            if sample.finished:  # aborted while its forward pass ran
+                sample.cache = None
                 return
-            req.output_ids.append(token)
-            req.next_input = [token]
             self._generated.append((time.monotonic(), 1))
-            finish_reason, matched = self._check_finish(req, token)
-            if finish_reason is not None:
-                req.finished = True
-                req.cache = None
-                self._requests.pop(req.request_id, None)
-                if req in self._running:
-                    self._running.remove(req)
-        if req.counts is not None:
-            req.counts[token] += 1
-        if req.seen is not None:
-            req.seen[token] = True
-        req.post(EngineOutput(
-            req.request_id, [token], len(req.input_ids), len(req.output_ids),
-            finished=finish_reason is not None, finish_reason=finish_reason,
-            matched_token_id=matched,
-            output_ids=list(req.output_ids) if finish_reason is not None else []))
+            self.generated_tokens_total += 1
+            if finished:
+                sample.finished = True
+                if sample in self._running:
+                    self._running.remove(sample)
+                group = sample.group
+                if group.finished and self._groups.get(group.request_id) is group:
+                    del self._groups[group.request_id]
+        if finished:
+            self._cache_blocks(sample, sample.input_ids + sample.output_ids[:-1])
+            sample.cache = None
+            if release < len(sample.output_ids):  # trimmed stop string
+                del sample.output_ids[release:]
+        new = sample.output_ids[sample.released:release]
+        first = sample.released
+        sample.released = release
+        if not new and not finished:
+            return
+        output = EngineOutput(
+            sample.request_id, new, len(sample.input_ids), release,
+            cached_tokens=sample.cached_tokens, finished=finished, finish_reason=finish_reason,
+            matched_token_id=matched_token, matched_stop_str=matched_str,
+            output_ids=list(sample.output_ids) if finished else [], index=sample.index,
+            output_logprobs=self._logprob_slice(sample, first, release))
+        if not sample.sent_first:
+            sample.sent_first = True
+            output.input_logprobs = sample.input_logprobs
+        if finished:
+            output.all_output_logprobs = self._logprob_slice(sample, 0, release)
+        sample.group.post(output)
 
-    def _check_finish(self, req: _Request, token: int) -> tuple[str | None, int | None]:
-        opts = req.options
-        n = len(req.output_ids)
+    @staticmethod
+    def _logprob_slice(sample: _Sample, begin: int, end: int) -> TokenLogprobs | None:
+        lp = sample.logprobs
+        if lp is None:
+            return None
+        return TokenLogprobs(lp.token_ids[begin:end], lp.logprobs[begin:end],
+                             lp.top[begin:end], lp.requested[begin:end])
+
+    def _check_finish(self, sample: _Sample, token: int
+                      ) -> tuple[str | None, int | None, str | None]:
+        opts = sample.options
+        n = len(sample.output_ids)
         if not opts.ignore_eos and n >= opts.min_new_tokens:
             if token in opts.stop_token_ids or token in self.eos_token_ids:
-                return "stop", token
-        if n >= req.max_new_tokens or req.num_tokens >= self.context_length:
-            return "length", None
-        return None, None
+                return "stop", token, None
+        if n >= sample.max_new_tokens or len(sample.input_ids) + n >= self.context_length:
+            return "length", None, None
+        return None, None, None
 
-    def _init_sampling_state(self, req: _Request) -> None:
+    def _decode_text(self, skip_special: bool) -> Any:
+        tokenizer = self.tokenizer
+
+        def decode(ids: list[int]) -> str:
+            return str(tokenizer.decode(ids, skip_special_tokens=skip_special))
+
+        return decode
+
+    def _init_sampling_state(self, sample: _Sample) -> None:
         import torch
 
-        opts = req.options
+        opts = sample.options
         if opts.frequency_penalty or opts.presence_penalty:
-            req.counts = torch.zeros(self.vocab_size, dtype=torch.float32)
+            sample.counts = torch.zeros(self.vocab_size, dtype=torch.float32)
         if opts.repetition_penalty != 1.0:
-            req.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
-            req.seen[torch.tensor(req.input_ids, dtype=torch.long)] = True
+            sample.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+            sample.seen[torch.tensor(sample.input_ids, dtype=torch.long)] = True
         if opts.temperature > 0:
-            req.generator = torch.Generator(device="cpu")
+            sample.generator = torch.Generator(device="cpu")
             if opts.seed is not None:
-                req.generator.manual_seed(opts.seed)
+                sample.generator.manual_seed(opts.seed + sample.index)
             else:
-                req.generator.seed()
+                sample.generator.seed()
+        if opts.stop and self.tokenizer is not None:
+            sample.stop_matcher = StopStringMatcher(
+                opts.stop, self._decode_text(opts.skip_special_tokens), opts.no_stop_trim)
 
-    def _sample(self, req: _Request, logits: Any) -> int:
+    def _sample(self, sample: _Sample, logits: Any) -> int:
         import torch
 
-        opts = req.options
-        logits = logits[: self.vocab_size].cpu()
+        opts = sample.options
+        logits = logits.clone()
         for tok, bias in opts.logit_bias.items():
             logits[tok] += bias
-        if req.seen is not None:
+        if sample.seen is not None:
             penalty = opts.repetition_penalty
-            picked = logits[req.seen]
-            logits[req.seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-        if req.counts is not None:
-            logits -= opts.frequency_penalty * req.counts
-            logits -= opts.presence_penalty * (req.counts > 0).float()
-        if len(req.output_ids) < opts.min_new_tokens:
+            picked = logits[sample.seen]
+            logits[sample.seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+        if sample.counts is not None:
+            logits -= opts.frequency_penalty * sample.counts
+            logits -= opts.presence_penalty * (sample.counts > 0).float()
+        if len(sample.output_ids) < opts.min_new_tokens:
             blocked = set(opts.stop_token_ids) | set(self.eos_token_ids)
             for tok in blocked:
                 if 0 <= tok < logits.shape[0]:
@@ -470,4 +729,4 @@ class TorchEngine:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         if float(probs.sum()) <= 0:
             return int(torch.argmax(logits).item())
-        return int(torch.multinomial(probs, 1, generator=req.generator).item())
+        return int(torch.multinomial(probs, 1, generator=sample.generator).item())

@@ -1,8 +1,19 @@
-"""The worker's gRPC transport: ``sglang.grpc.scheduler.SglangScheduler`` over the engine.
+"""The worker's gRPC transport: ``sglang.grpc.scheduler.SglangScheduler`` over an engine.
 
-Transport only: proto <-> engine mapping and request validation. Proto3 zero defaults are not
-semantic defaults, so 0 means "unset" for top_p (1.0), top_k (-1), repetition_penalty (1.0)
-and n (1); temperature 0 is greedy; an unset max_new_tokens runs to the context length.
+Transport only: proto <-> engine mapping and request validation, for any engine that
+implements :class:`services.worker.engine_api.Engine`. Proto3 zero defaults are not semantic
+defaults, so 0 means "unset" for top_p (1.0), top_k (-1), repetition_penalty (1.0) and n (1);
+temperature 0 is greedy; an unset max_new_tokens runs to the context length;
+``logprob_start_len`` is taken as sent (-1: no input logprobs, 0: from the first token), as
+SGLang's servicer does. The sampling seed is ``custom_params["seed"]`` (or
+``custom_params["sampling_seed"]``).
+
+KV events: ``SubscribeKvEvents`` streams the engine's :class:`~services.worker.kv_events.
+KvEventLog` (snapshot or replay, then live batches, load-only heartbeats with an
+``EngineLoad``). For the torch engine the publisher IS this gRPC stream, so GetServerInfo's
+``server_args.kv_events`` describes it as ``{"publisher": "grpc", "endpoint_host": <gRPC host>,
+"endpoint_port_base": <gRPC port>, ...}``; ``--kv-events-config`` (SGLang's JSON shape) may
+override host/port/topic or turn it off with ``{"publisher": null}``.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import logging
 import time
 import uuid
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +41,24 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.errors import ErrorCode, ServiceError, invalid_argument
 from services.common.grpc_server import GrpcServer, wait_for_shutdown
+from services.worker import metrics
 from services.worker.config import WorkerConfig
-from services.worker.engine import EngineError, SamplingOptions, TorchEngine
+from services.worker.engine_api import (
+    Engine,
+    EngineError,
+    EngineLoads,
+    EngineOutput,
+    SamplingOptions,
+    TokenLogprobs,
+)
+from services.worker.kv_events import (
+    BlocksRemoved,
+    BlocksStored,
+    CursorGone,
+    EventBatch,
+    SubscriberBehind,
+    kv_events_descriptor,
+)
 from services.worker.model_store import (
     EMBEDDED_NAME,
     ModelPathError,
@@ -42,11 +69,27 @@ from services.worker.model_store import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "sglang.grpc.scheduler.SglangScheduler"
-VERSION = "sglmesh-torch 0.1.0"
+VERSION = "sglmesh-torch 0.2.0"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "config.json", "generation_config.json")
 CHUNK_SIZE = 1 << 20
 UNSUPPORTED = "not supported by the torch engine"
+MAX_N = 64
+KV_HEARTBEAT_S = 2.0
+
+# Flags this module reads with getattr defaults (declared in WorkerConfig by its owner).
+DEFAULTS: dict[str, Any] = {
+    "block_size": 16,  # tokens per prefix-cache block (and KV event block)
+    "prefix_cache_tokens": 16384,  # prefix cache capacity in tokens (0 = off)
+    "prefill_chunk": 256,  # prompt tokens prefilled per engine step
+    "kv_events_config": "",  # SGLang-shaped JSON; empty = {"publisher": "grpc"}
+    "kv_events_buffer": 10000,  # KV event batches kept for resume
+    "drain_timeout": 30.0,  # seconds in-flight requests get to finish on SIGTERM
+}
+
+
+def setting(config: Any, name: str) -> Any:
+    return getattr(config, name, DEFAULTS[name])
 
 
 def unavailable(message: str) -> ServiceError:
@@ -57,6 +100,21 @@ def _to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(json.loads(json.dumps(values, default=str)))
     return struct
+
+
+def _seed(sp: pb.SamplingParams) -> int | None:
+    if not sp.HasField("custom_params"):
+        return None
+    for key in ("seed", "sampling_seed"):
+        value = sp.custom_params.fields.get(key)
+        if value is None or value.WhichOneof("kind") == "null_value":
+            continue
+        if value.WhichOneof("kind") != "number_value" or value.number_value != int(
+                value.number_value):
+            raise invalid_argument(f"sampling_params.custom_params.{key}",
+                                   f"{key} must be an integer")
+        return int(value.number_value)
+    return None
 
 
 def sampling_options(request: pb.GenerateRequest, context_length: int,
@@ -76,14 +134,20 @@ def sampling_options(request: pb.GenerateRequest, context_length: int,
     sp = request.sampling_params
     constraint = sp.WhichOneof("constraint")
     if constraint:
-        raise invalid_argument(f"sampling_params.{constraint}", f"{constraint} is {UNSUPPORTED}")
-    if sp.n not in (0, 1):
-        raise invalid_argument("sampling_params.n", f"n must be 1 for now ({UNSUPPORTED}), "
-                               f"got {sp.n}")
-    if request.return_logprob or request.top_logprobs_num or request.token_ids_logprob:
-        raise invalid_argument("return_logprob", f"logprobs are {UNSUPPORTED} yet")
+        raise invalid_argument(
+            f"sampling_params.{constraint}",
+            f"constrained decoding ({constraint}) is {UNSUPPORTED}: it has no grammar backend; "
+            "send the request without a constraint or to an SGLang worker")
+    n = sp.n or 1
+    if not 1 <= n <= MAX_N:
+        raise invalid_argument("sampling_params.n", f"n must be in [1, {MAX_N}], got {sp.n}")
     if request.return_hidden_states:
         raise invalid_argument("return_hidden_states", f"hidden states are {UNSUPPORTED}")
+    if request.custom_logit_processor:
+        raise invalid_argument("custom_logit_processor",
+                               f"custom logit processors are {UNSUPPORTED}")
+    if request.input_embeds:
+        raise invalid_argument("input_embeds", f"input embeddings are {UNSUPPORTED}")
     mm = request.mm_inputs
     if mm.image_urls or mm.image_data or mm.video_urls or mm.video_data or mm.audio_urls \
             or mm.audio_data or mm.HasField("pixel_values"):
@@ -92,6 +156,9 @@ def sampling_options(request: pb.GenerateRequest, context_length: int,
         raise invalid_argument("disaggregated_params", f"PD disaggregation is {UNSUPPORTED}")
     if request.lora_id:
         raise invalid_argument("lora_id", f"LoRA adapters are {UNSUPPORTED}")
+    if request.HasField("data_parallel_rank") and request.data_parallel_rank != 0:
+        raise invalid_argument("data_parallel_rank",
+                               f"this worker has one DP rank (0), got {request.data_parallel_rank}")
     if sp.temperature < 0:
         raise invalid_argument("sampling_params.temperature",
                                f"temperature must be >= 0, got {sp.temperature}")
@@ -127,6 +194,9 @@ def sampling_options(request: pb.GenerateRequest, context_length: int,
     if bad_stop:
         raise invalid_argument("sampling_params.stop_token_ids",
                                f"stop token id {bad_stop[0]} is out of the vocabulary")
+    stops = [s for s in sp.stop if s]
+    if len(stops) != len(sp.stop):
+        raise invalid_argument("sampling_params.stop", "stop strings must not be empty")
     logit_bias: dict[int, float] = {}
     for key, bias in sp.logit_bias.items():
         try:
@@ -137,70 +207,191 @@ def sampling_options(request: pb.GenerateRequest, context_length: int,
             raise invalid_argument("sampling_params.logit_bias",
                                    f"logit_bias key {key!r} is not a token id in the vocabulary")
         logit_bias[tok] = float(bias)
-    seed = None
-    if sp.HasField("custom_params") and "seed" in sp.custom_params.fields:
-        seed = int(sp.custom_params.fields["seed"].number_value)
+    return_logprob = bool(request.return_logprob)
+    if request.top_logprobs_num < 0:
+        raise invalid_argument("top_logprobs_num",
+                               f"top_logprobs_num must be >= 0, got {request.top_logprobs_num}")
+    if request.top_logprobs_num > 20 and request.top_logprobs_num > vocab_size:
+        raise invalid_argument("top_logprobs_num", "top_logprobs_num exceeds the vocabulary")
+    if request.logprob_start_len < -1:
+        raise invalid_argument("logprob_start_len",
+                               f"logprob_start_len must be >= -1, got {request.logprob_start_len}")
+    bad_ids = [t for t in request.token_ids_logprob if t >= vocab_size]
+    if bad_ids:
+        raise invalid_argument("token_ids_logprob",
+                               f"token id {bad_ids[0]} is out of the vocabulary")
     return SamplingOptions(
         temperature=float(sp.temperature), top_p=float(top_p), top_k=int(top_k),
         min_p=float(sp.min_p), repetition_penalty=float(repetition),
         frequency_penalty=float(sp.frequency_penalty),
         presence_penalty=float(sp.presence_penalty), max_new_tokens=max_new,
         min_new_tokens=int(sp.min_new_tokens), stop_token_ids=[int(t) for t in sp.stop_token_ids],
-        ignore_eos=sp.ignore_eos, seed=seed, logit_bias=logit_bias)
+        ignore_eos=sp.ignore_eos, seed=_seed(sp), logit_bias=logit_bias, n=n, stop=stops,
+        no_stop_trim=sp.no_stop_trim, skip_special_tokens=sp.skip_special_tokens,
+        return_logprob=return_logprob,
+        top_logprobs_num=int(request.top_logprobs_num) if return_logprob else 0,
+        logprob_start_len=int(request.logprob_start_len) if return_logprob else -1,
+        token_ids_logprob=[int(t) for t in request.token_ids_logprob] if return_logprob else [])
+
+
+# -------------------------------------------------------------------- engine -> proto
+
+
+def _top(rows: list[list[tuple[int, float]]]) -> list[pb.TopLogProbs]:
+    return [pb.TopLogProbs(values=[v for _, v in row], token_ids=[t for t, _ in row])
+            for row in rows]
+
+
+def output_logprobs(lp: TokenLogprobs | None) -> pb.OutputLogProbs | None:
+    if lp is None:
+        return None
+    return pb.OutputLogProbs(
+        token_logprobs=[float(v) if v is not None else 0.0 for v in lp.logprobs],
+        token_ids=lp.token_ids, top_logprobs=_top(lp.top) if any(lp.top) else [],
+        token_ids_logprobs=_top(lp.requested) if any(lp.requested) else [])
+
+
+def input_logprobs(lp: TokenLogprobs | None) -> pb.InputLogProbs | None:
+    if lp is None:
+        return None
+    return pb.InputLogProbs(
+        token_logprobs=[pb.InputTokenLogProb() if v is None else pb.InputTokenLogProb(value=v)
+                        for v in lp.logprobs],
+        token_ids=lp.token_ids, top_logprobs=_top(lp.top) if any(lp.top) else [])
+
+
+def chunk_message(out: EngineOutput) -> pb.GenerateStreamChunk:
+    return pb.GenerateStreamChunk(
+        token_ids=out.new_token_ids, prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
+        output_logprobs=output_logprobs(out.output_logprobs),
+        input_logprobs=input_logprobs(out.input_logprobs), index=out.index)
+
+
+def complete_message(out: EngineOutput, inputs: TokenLogprobs | None) -> pb.GenerateComplete:
+    complete = pb.GenerateComplete(
+        output_ids=out.output_ids, finish_reason=out.finish_reason or "stop",
+        prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+        cached_tokens=out.cached_tokens,
+        output_logprobs=output_logprobs(out.all_output_logprobs),
+        input_logprobs=input_logprobs(inputs), index=out.index)
+    if out.matched_token_id is not None:
+        complete.matched_token_id = out.matched_token_id
+    elif out.matched_stop_str is not None:
+        complete.matched_stop_str = out.matched_stop_str
+    return complete
+
+
+def engine_load(loads: EngineLoads, sample: int, load_only: bool,
+                full: bool) -> common_pb2.EngineLoad:
+    load = common_pb2.EngineLoad(
+        running_requests=loads.num_running, waiting_requests=loads.num_waiting,
+        waiting_uncached_tokens=loads.num_waiting_tokens, token_usage=loads.token_usage,
+        gen_throughput=loads.gen_throughput, max_running_requests=loads.max_running_requests,
+        age_ms=0, sample=sample, load_only=load_only)
+    if loads.active_token_usage is not None:
+        load.active_token_usage = loads.active_token_usage
+    if full:
+        load.cache_hit_rate = loads.cache_hit_rate
+        load.num_used_tokens = loads.num_used_tokens
+        load.max_total_num_tokens = loads.max_total_num_tokens
+        load.memory.CopyFrom(common_pb2.EngineMemory(
+            weight_gb=loads.weight_bytes / 1e9, kv_cache_gb=loads.kv_cache_bytes / 1e9,
+            token_capacity=loads.max_total_num_tokens))
+        load.queues.CopyFrom(common_pb2.EngineQueues(waiting=loads.num_waiting))
+    return load
+
+
+def event_batch(batch: EventBatch, block_size: int) -> common_pb2.KvEventBatch:
+    out = common_pb2.KvEventBatch(sequence_number=batch.sequence_number,
+                                  timestamp=batch.timestamp, dp_rank=0)
+    for i, event in enumerate(batch.events):
+        event_id = 0 if batch.snapshot else (batch.sequence_number << 16) + i + 1
+        item = out.events.add(event_id=event_id)
+        if isinstance(event, BlocksStored):
+            item.stored.blocks.extend(
+                common_pb2.KvBlock(block_hash=b.block_hash, token_ids=b.token_ids,
+                                   block_size=block_size) for b in event.blocks)
+            if event.parent_block_hash is not None:
+                item.stored.parent_block_hash = event.parent_block_hash
+        elif isinstance(event, BlocksRemoved):
+            item.removed.block_hashes.extend(event.block_hashes)
+        else:
+            item.cleared.SetInParent()
+    if batch.snapshot is not None:
+        out.snapshot.CopyFrom(common_pb2.KvSnapshotChunk(
+            index=batch.snapshot.index, count=batch.snapshot.count,
+            blocks=batch.snapshot.blocks, unknown_before=0))
+    return out
 
 
 class WorkerServicer(pb_grpc.SglangSchedulerServicer):
-    """SglangScheduler over a :class:`TorchEngine`; UNIMPLEMENTED for the rest."""
+    """SglangScheduler over any :class:`~services.worker.engine_api.Engine`."""
 
     def __init__(self, config: WorkerConfig, model_dir: Path, served_model_name: str) -> None:
         self.config = config
         self.model_dir = model_dir
         self.served_model_name = served_model_name
-        self.engine: TorchEngine | None = None
+        self.engine: Engine | None = None
         self.draining = False
         self.start_time = time.time()
         self.last_receive = 0.0
+        self.port = 0  # the bound gRPC port, once the server started
         self._tokenizer_zip: tuple[bytes, str] | None = None
+        self._descriptor: tuple[bool, dict[str, Any] | None] = (False, None)
 
-    def _engine(self) -> TorchEngine:
+    def _engine(self, new_work: bool = False) -> Engine:
         if self.engine is None:
             raise unavailable("the worker is still loading its model")
-        if self.draining:
-            raise unavailable("the worker is shutting down")
+        if new_work and self.draining:
+            raise unavailable("the worker is draining (shutting down); retry on another worker")
         return self.engine
 
     # ---------------------------------------------------------------- generation
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        engine = self._engine()
+        engine = self._engine(new_work=True)
+        arrived = time.monotonic()
         self.last_receive = time.time()
         options = sampling_options(request, engine.context_length, engine.vocab_size)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
+        first_token: set[int] = set()
+        inputs: dict[int, TokenLogprobs | None] = {}
         try:
             stream = engine.generate(request_id, list(request.tokenized.input_ids), options)
             async with contextlib.aclosing(stream):
                 async for out in stream:
-                    if request.stream and out.new_token_ids:
-                        chunk = pb.GenerateStreamChunk(
-                            token_ids=out.new_token_ids, prompt_tokens=out.prompt_tokens,
-                            completion_tokens=out.completion_tokens,
-                            cached_tokens=out.cached_tokens)
-                        yield pb.GenerateResponse(request_id=request_id, chunk=chunk)
+                    if out.new_token_ids and out.index not in first_token:
+                        first_token.add(out.index)
+                        metrics.TTFT.observe(time.monotonic() - arrived)
+                    if out.input_logprobs is not None:
+                        inputs[out.index] = out.input_logprobs
+                    if request.stream and (out.new_token_ids or out.input_logprobs is not None):
+                        yield pb.GenerateResponse(request_id=request_id,
+                                                  chunk=chunk_message(out))
                     if out.finished:
-                        complete = pb.GenerateComplete(
-                            output_ids=out.output_ids, finish_reason=out.finish_reason or "stop",
-                            prompt_tokens=out.prompt_tokens,
-                            completion_tokens=out.completion_tokens,
-                            cached_tokens=out.cached_tokens)
-                        if out.matched_token_id is not None:
-                            complete.matched_token_id = out.matched_token_id
-                        yield pb.GenerateResponse(request_id=request_id, complete=complete)
+                        self._count(out, arrived)
+                        yield pb.GenerateResponse(
+                            request_id=request_id,
+                            complete=complete_message(out, inputs.get(out.index)))
         except EngineError as exc:
+            metrics.REQUESTS.labels("error").inc()
+            field = getattr(exc, "field", None)
+            if field:
+                raise invalid_argument(field, str(exc)) from exc
             if "already running" in str(exc):
                 raise ServiceError(ErrorCode.ALREADY_EXISTS, "REQUEST_ID_IN_USE", str(exc),
                                    {"field": "request_id"}) from exc
             raise unavailable(str(exc)) from exc
+
+    @staticmethod
+    def _count(out: EngineOutput, arrived: float) -> None:
+        metrics.REQUESTS.labels(out.finish_reason or "stop").inc()
+        metrics.PROMPT_TOKENS.inc(out.prompt_tokens)
+        metrics.CACHED_TOKENS.inc(out.cached_tokens)
+        metrics.GENERATION_TOKENS.inc(out.completion_tokens)
+        metrics.E2E.observe(time.monotonic() - arrived)
 
     async def Abort(self, request: pb.AbortRequest,
                     context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -221,7 +412,7 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
             return False, "loading the model"
         engine = self.engine
         rid = f"health-{uuid.uuid4().hex}"
-        bos = getattr(engine.hf_config, "bos_token_id", None)
+        bos = engine.bos_token_id
         prompt = [int(bos) if isinstance(bos, int) else 1]
 
         async def probe() -> int:
@@ -280,25 +471,43 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
             architectures=config.get("architectures", []),
             default_sampling_params_json=json.dumps(defaults) if defaults else "")
 
+    def kv_events(self) -> dict[str, Any] | None:
+        """The ``kv_events`` descriptor (computed once the server is bound)."""
+        engine = self._engine()
+        if engine.kv_events is None:
+            return None
+        known, descriptor = self._descriptor
+        if known:
+            return descriptor
+        raw = setting(self.config, "kv_events_config") or '{"publisher": "grpc"}'
+        block_size = engine.kv_events.block_size
+        descriptor = kv_events_descriptor(
+            raw, block_size=block_size, dp_size=1, default_host=self.config.host,
+            default_port=self.port or self.config.port, publishers=("grpc",))
+        if descriptor is not None and descriptor["block_size"] != block_size:
+            log.warning("--kv-events-config block_size %s differs from the engine's block "
+                        "size %d; advertising %d", descriptor["block_size"], block_size,
+                        block_size)
+            descriptor["block_size"] = block_size
+        if self.port:
+            self._descriptor = (True, descriptor)
+        return descriptor
+
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         engine = self._engine()
         args = dataclasses.asdict(self.config)
+        for name, default in DEFAULTS.items():
+            args.setdefault(name, default)
         args.update(model_path=str(self.model_dir), served_model_name=self.served_model_name,
                     context_length=engine.context_length, dp_size=1, tp_size=1,
-                    data_parallel_size=1)
-        loads = engine.loads()
-        scheduler = {"engine": "torch", "batch_decode": engine.batch_decode,
-                     "scheduling": "iteration-level (continuous batching)",
-                     "max_running_requests": engine.max_running_requests,
-                     "max_total_num_tokens": engine.max_total_num_tokens,
-                     "model_load_seconds": round(engine.load_seconds, 3),
-                     "steps": engine.steps, "total_requests": loads.total_requests}
+                    data_parallel_size=1, kv_events=self.kv_events())
+        scheduler = engine.info()
         start = timestamp_pb2.Timestamp()
         start.FromSeconds(int(self.start_time))
         return pb.GetServerInfoResponse(
             server_args=_to_struct(args), scheduler_info=_to_struct(scheduler),
-            active_requests=engine.active_requests(), is_paused=False,
+            active_requests=engine.active_requests(), is_paused=self.draining,
             last_receive_timestamp=self.last_receive,
             uptime_seconds=time.time() - self.start_time, sglang_version=VERSION,
             server_type="grpc", start_time=start,
@@ -315,14 +524,13 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
             num_total_reqs=loads.num_running + loads.num_waiting,
             num_used_tokens=loads.num_used_tokens,
             max_total_num_tokens=loads.max_total_num_tokens, token_usage=loads.token_usage,
-            gen_throughput=loads.gen_throughput, cache_hit_rate=0.0,
-            utilization=loads.num_running / loads.max_running_requests,
+            gen_throughput=loads.gen_throughput, cache_hit_rate=loads.cache_hit_rate,
+            utilization=min(1.0, loads.num_running / max(loads.max_running_requests, 1)),
             max_running_requests=loads.max_running_requests,
             num_waiting_uncached_tokens=loads.num_waiting_tokens)
         if everything or "memory" in include:
             load.memory.CopyFrom(pb.MemoryMetrics(
-                weight_gb=engine.weight_bytes / 1e9,
-                kv_cache_gb=loads.num_used_tokens * engine.kv_bytes_per_token / 1e9,
+                weight_gb=loads.weight_bytes / 1e9, kv_cache_gb=loads.kv_cache_bytes / 1e9,
                 token_capacity=loads.max_total_num_tokens))
         if everything or "queues" in include:
             load.queues.CopyFrom(pb.QueueMetrics(waiting=loads.num_waiting))
@@ -336,12 +544,49 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
                 avg_token_usage=loads.token_usage, avg_throughput=loads.gen_throughput,
                 avg_utilization=load.utilization))
 
+    # ---------------------------------------------------------------- KV events
+
+    async def SubscribeKvEvents(self, request: common_pb2.SubscribeKvEventsRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[common_pb2.KvEventBatch]:
+        engine = self._engine()
+        events = engine.kv_events
+        if events is None or self.kv_events() is None:
+            raise ServiceError(ErrorCode.UNIMPLEMENTED, "NO_KV_EVENTS",
+                               "this worker publishes no KV events (--kv-events-config has "
+                               "publisher null or is malformed)")
+        sample = 0
+
+        def load(load_only: bool, full: bool) -> common_pb2.EngineLoad:
+            nonlocal sample
+            sample += 1
+            return engine_load(engine.loads(), sample, load_only, full)
+
+        if request.load_records_before_first_batch:
+            yield common_pb2.KvEventBatch(sequence_number=0, timestamp=time.time(), dp_rank=0,
+                                          load=load(True, True))
+        stream = events.subscribe(request.start_sequence_number, heartbeat_s=KV_HEARTBEAT_S)
+        first = True
+        try:
+            async with contextlib.aclosing(stream):
+                async for batch in stream:
+                    out = event_batch(batch, events.block_size)
+                    out.load.CopyFrom(load(batch.load_only, batch.load_only or first))
+                    first = False
+                    yield out
+        except CursorGone as exc:
+            raise ServiceError(ErrorCode.OUT_OF_RANGE, "KV_EVENTS_CURSOR_GONE", str(exc),
+                               {"field": "start_sequence_number"}) from exc
+        except SubscriberBehind as exc:
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+
     # ---------------------------------------------------------------- admin
 
     async def FlushCache(self, request: common_pb2.FlushCacheRequest,
                          context: grpc.aio.ServicerContext) -> common_pb2.FlushCacheResponse:
-        return common_pb2.FlushCacheResponse(
-            success=True, message="the torch engine keeps no prefix cache; nothing to flush")
+        engine = self._engine()
+        success, message = await asyncio.to_thread(engine.flush_cache)
+        return common_pb2.FlushCacheResponse(success=success, message=message)
 
     def tokenizer_bundle(self) -> tuple[bytes, str]:
         """The tokenizer files as one deterministic zip, and its sha256 hex."""
@@ -381,7 +626,38 @@ def resolve_model(config: WorkerConfig) -> tuple[Path, str]:
     return preflight_model_path(model_dir), config.served_model_name or EMBEDDED_NAME
 
 
-async def serve(config: WorkerConfig) -> None:
+def create_torch_engine(config: WorkerConfig, model_dir: Path) -> Engine:
+    from services.worker.engine import TorchEngine
+
+    return TorchEngine(
+        model_dir, device=config.device, dtype=config.dtype,
+        max_running_requests=config.max_running_requests,
+        context_length=config.context_length, num_threads=config.num_threads,
+        batch_decode=config.batch_decode, block_size=setting(config, "block_size"),
+        prefix_cache_tokens=setting(config, "prefix_cache_tokens"),
+        prefill_chunk=setting(config, "prefill_chunk"),
+        kv_event_buffer=setting(config, "kv_events_buffer"))
+
+
+async def drain(servicer: WorkerServicer, server: GrpcServer, timeout: float) -> None:
+    """Stops taking work (HealthCheck unhealthy, grpc.health NOT_SERVING, new Generate calls
+    UNAVAILABLE) and waits up to ``timeout`` seconds for in-flight requests to finish."""
+    servicer.draining = True
+    await server.set_serving(False)
+    engine = servicer.engine
+    deadline = time.monotonic() + timeout
+    if engine is not None and engine.active_requests():
+        log.info("draining: waiting up to %.0f s for %d in-flight requests", timeout,
+                 engine.active_requests())
+    while engine is not None and engine.active_requests() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine is not None and engine.active_requests():
+        log.warning("drain timeout: aborting %d requests", engine.active_requests())
+
+
+async def serve(config: WorkerConfig,
+                create_engine: Callable[[WorkerConfig, Path], Engine] = create_torch_engine
+                ) -> None:
     try:
         model_dir, name = await asyncio.to_thread(resolve_model, config)
     except ModelPathError as exc:
@@ -389,23 +665,20 @@ async def serve(config: WorkerConfig) -> None:
     servicer = WorkerServicer(config, model_dir, name)
     server = GrpcServer(config)
     server.add_service(pb_grpc.add_SglangSchedulerServicer_to_server, servicer, SERVICE_NAME)
-    await server.start()
-    engine = await asyncio.to_thread(
-        TorchEngine, model_dir, device=config.device, dtype=config.dtype,
-        max_running_requests=config.max_running_requests,
-        context_length=config.context_length, num_threads=config.num_threads,
-        batch_decode=config.batch_decode)
+    servicer.port = await server.start()
+    engine = await asyncio.to_thread(create_engine, config, model_dir)
     engine.start()
     servicer.engine = engine
+    metrics.bind_engine(engine)
     healthy, message = await servicer.health_probe(max(config.health_check_timeout, 60.0))
     if not healthy:
         await server.stop(0)
         engine.stop()
         raise SystemExit(f"worker: warm-up generation failed: {message}")
-    log.info("worker serving %s from %s (%s; model loaded in %.2f s)", name, model_dir,
-             message, engine.load_seconds)
+    log.info("worker serving %s from %s (%s; model loaded in %.2f s; kv_events %s)", name,
+             model_dir, message, engine.load_seconds, servicer.kv_events())
     await server.set_serving(True)
     await wait_for_shutdown()
-    servicer.draining = True
-    await server.stop()
+    await drain(servicer, server, float(setting(config, "drain_timeout")))
+    await server.stop(1.0)
     await asyncio.to_thread(engine.stop)

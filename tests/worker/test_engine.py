@@ -17,7 +17,7 @@ GREEDY = dict(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def engine(embedded_model_dir: Path) -> Iterator[TorchEngine]:
-    eng = TorchEngine(embedded_model_dir, max_running_requests=4)
+    eng = TorchEngine(embedded_model_dir, max_running_requests=4, num_threads=1)
     eng.start()
     yield eng
     eng.stop()
@@ -160,21 +160,207 @@ async def test_closing_consumer_aborts(engine: TorchEngine,
     assert len(tokens) == 3 and final.finish_reason == "length"
 
 
-async def test_batched_decode_matches_sequential(embedded_model_dir: Path,
+@pytest.fixture(scope="module")
+def engine32(embedded_model_dir: Path) -> Iterator[TorchEngine]:
+    """float32, so cached / batched / chunked greedy output equals the plain one exactly."""
+    eng = TorchEngine(embedded_model_dir, dtype="float32", max_running_requests=4,
+                      num_threads=1)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+async def test_batched_decode_matches_sequential(engine32: TorchEngine,
                                                  chat_ids: Callable[..., list[int]]) -> None:
     """In float32 a batched decode (left padding + masks) gives the unbatched greedy tokens."""
-    eng = TorchEngine(embedded_model_dir, dtype="float32", max_running_requests=4)
-    eng.start()
+    eng = engine32
+    prompts = [chat_ids(), chat_ids("Write a poem about the sea."),
+               chat_ids("List three fruits.")]
+    options = SamplingOptions(**GREEDY, max_new_tokens=12, ignore_eos=True)
+    sequential = [(await collect(eng, f"seq{i}", ids, options))[0]
+                  for i, ids in enumerate(prompts)]
+    steps_before = eng.steps
+    batched = await asyncio.gather(*(collect(eng, f"bat{i}", ids, options)
+                                     for i, ids in enumerate(prompts)))
+    assert [tokens for tokens, _ in batched] == sequential
+    assert eng.steps - steps_before < 3 * 12  # decode steps were shared
+
+
+# --------------------------------------------------------------------- prefix cache
+
+
+LONG_SYSTEM = ("You are a careful assistant for a travel agency. Answer briefly, name the "
+               "city, and never invent facts. ") * 9
+
+
+async def test_prefix_reuse_same_output(engine32: TorchEngine,
+                                        embedded_model_dir: Path) -> None:
+    """A repeated 200+-token prefix is served from the block cache: cached_tokens >= 192 and
+    greedy output identical to the cold run (float32)."""
+    from services.worker.kv_events import BlocksStored
+
+    from .conftest import render_chat
+
+    eng = engine32
+    eng.flush_cache()
+    prompt = render_chat(embedded_model_dir, [{"role": "system", "content": LONG_SYSTEM},
+                                              {"role": "user", "content": QUESTION_FR}])
+    assert len(prompt) >= 200
+    seq = eng.kv_events.last_sequence if eng.kv_events else 0
+    options = SamplingOptions(**GREEDY, max_new_tokens=8)
+    cold, cold_final = await collect(eng, "cold", prompt, options)
+    assert cold_final.cached_tokens == 0
+    warm, warm_final = await collect(eng, "warm", prompt, options)
+    assert warm_final.cached_tokens >= 192
+    assert warm == cold
+    # the events mirror the cache: the stored blocks spell the prompt's prefix
+    assert eng.kv_events is not None
+    stored = [b for batch in eng.kv_events.since(seq + 1) for ev in batch.events
+              if isinstance(ev, BlocksStored) for b in ev.blocks]
+    spelled = [t for b in stored for t in b.token_ids]
+    assert spelled[:192] == prompt[:192]
+    # same prefix, other question: the shared blocks are reused
+    other = render_chat(embedded_model_dir, [{"role": "system", "content": LONG_SYSTEM},
+                                             {"role": "user", "content": "And of Spain?"}])
+    _, other_final = await collect(eng, "other", other, SamplingOptions(**GREEDY,
+                                                                        max_new_tokens=2))
+    assert other_final.cached_tokens >= 192
+    assert eng.loads().cache_hit_rate > 0
+    # flush really flushes: cold again, same output
+    ok, _ = eng.flush_cache()
+    assert ok and eng.prefix_cache.num_blocks == 0
+    again, again_final = await collect(eng, "again", prompt, options)
+    assert again_final.cached_tokens == 0 and again == cold
+
+
+QUESTION_FR = "What is the capital of France?"
+
+
+async def test_chunked_prefill_interleaves_decoding(engine32: TorchEngine,
+                                                    embedded_model_dir: Path) -> None:
+    """A long prompt is prefilled over several steps while another request keeps decoding."""
+    from .conftest import render_chat
+
+    eng = engine32
+    eng.flush_cache()
+    long_prompt = render_chat(embedded_model_dir, [{"role": "system", "content": LONG_SYSTEM},
+                                                   {"role": "user", "content": "Hi"}])
+    order: list[str] = []
+    started = asyncio.Event()
+
+    async def decoder() -> None:
+        async for _ in eng.generate("dec", [1, 504], SamplingOptions(
+                **GREEDY, max_new_tokens=40, ignore_eos=True)):
+            order.append("dec")
+            started.set()
+
+    chunk = eng.prefill_chunk
+    eng.prefill_chunk = 48
     try:
-        prompts = [chat_ids(), chat_ids("Write a poem about the sea."),
-                   chat_ids("List three fruits.")]
-        options = SamplingOptions(**GREEDY, max_new_tokens=12, ignore_eos=True)
-        sequential = [(await collect(eng, f"seq{i}", ids, options))[0]
-                      for i, ids in enumerate(prompts)]
-        steps_before = eng.steps
-        batched = await asyncio.gather(*(collect(eng, f"bat{i}", ids, options)
-                                         for i, ids in enumerate(prompts)))
-        assert [tokens for tokens, _ in batched] == sequential
-        assert eng.steps - steps_before < 3 * 12  # decode steps were shared
+        async def first_long() -> None:
+            async for out in eng.generate("long2", long_prompt, SamplingOptions(
+                    **GREEDY, max_new_tokens=1)):
+                if out.new_token_ids:
+                    order.append("long-first")
+
+        dec = asyncio.create_task(decoder())
+        await started.wait()
+        order.append("long-submitted")
+        await first_long()
+        await dec
     finally:
-        eng.stop()
+        eng.prefill_chunk = chunk
+    between = order[order.index("long-submitted"):order.index("long-first")]
+    # >= 4 prefill steps (48 tokens each), each followed by a decode step of "dec"
+    assert len(long_prompt) > 4 * 48
+    assert between.count("dec") >= 3, order
+
+
+# --------------------------------------------------------------------- sampling params
+
+
+async def collect_n(engine: TorchEngine, rid: str, ids: list[int], options: SamplingOptions
+                    ) -> dict[int, tuple[list[int], EngineOutput]]:
+    tokens: dict[int, list[int]] = {}
+    finals: dict[int, EngineOutput] = {}
+    async for out in engine.generate(rid, ids, options):
+        tokens.setdefault(out.index, []).extend(out.new_token_ids)
+        if out.finished:
+            assert out.index not in finals
+            finals[out.index] = out
+    return {i: (tokens[i], finals[i]) for i in finals}
+
+
+async def test_n_samples_seeded(engine: TorchEngine, chat_ids: Callable[..., list[int]]) -> None:
+    options = SamplingOptions(temperature=1.0, max_new_tokens=6, ignore_eos=True, seed=7, n=3)
+    first = await collect_n(engine, "n1", chat_ids(), options)
+    assert sorted(first) == [0, 1, 2]
+    for tokens, final in first.values():
+        assert final.output_ids == tokens and len(tokens) == 6
+    assert len({tuple(t) for t, _ in first.values()}) > 1  # seed + index per sample
+    second = await collect_n(engine, "n2", chat_ids(), options)
+    assert {i: t for i, (t, _) in second.items()} == {i: t for i, (t, _) in first.items()}
+    assert engine.active_requests() == 0
+
+
+async def test_n_abort_finishes_every_index(engine: TorchEngine,
+                                            chat_ids: Callable[..., list[int]]) -> None:
+    gen = engine.generate("nab", chat_ids(), SamplingOptions(
+        **GREEDY, max_new_tokens=400, ignore_eos=True, n=2))
+    await gen.__anext__()
+    assert engine.abort("nab")
+    finals = [out async for out in gen if out.finished]
+    assert sorted(o.index for o in finals) == [0, 1]
+    assert all(o.finish_reason == "abort" for o in finals)
+    assert engine.active_requests() == 0 and engine.loads().num_running == 0
+
+
+async def test_logprobs(engine32: TorchEngine, chat_ids: Callable[..., list[int]]) -> None:
+    import math
+
+    ids = chat_ids()
+    options = SamplingOptions(**GREEDY, max_new_tokens=4, ignore_eos=True, return_logprob=True,
+                              top_logprobs_num=3, logprob_start_len=0,
+                              token_ids_logprob=[2, 42])
+    outs = [o async for o in engine32.generate("lp", ids, options)]
+    final = outs[-1]
+    assert final.finished and final.all_output_logprobs is not None
+    lp = final.all_output_logprobs
+    assert lp.token_ids == final.output_ids and len(lp.logprobs) == 4
+    for token, value, top, requested in zip(lp.token_ids, lp.logprobs, lp.top, lp.requested,
+                                            strict=True):
+        assert len(top) == 3 and top[0][0] == token  # greedy picks the top token
+        assert math.isclose(top[0][1], value, abs_tol=1e-5) and value <= 0
+        assert [t for t, _ in requested] == [2, 42]
+    incremental = [t for o in outs if o.output_logprobs for t in o.output_logprobs.token_ids]
+    assert incremental == final.output_ids
+    inputs = outs[0].input_logprobs
+    assert inputs is not None and inputs.token_ids == ids
+    assert inputs.logprobs[0] is None and all(v is not None and v <= 0
+                                              for v in inputs.logprobs[1:])
+    assert outs[1].input_logprobs is None
+    # logprob_start_len: positions from there on
+    start = len(ids) - 5
+    late = [o async for o in engine32.generate("lp2", ids, SamplingOptions(
+        **GREEDY, max_new_tokens=1, return_logprob=True, logprob_start_len=start))]
+    assert late[0].input_logprobs is not None
+    assert late[0].input_logprobs.token_ids == ids[start:]
+    assert late[0].input_logprobs.logprobs == pytest.approx(inputs.logprobs[start:], abs=1e-4)
+
+
+async def test_stop_strings(engine: TorchEngine, chat_ids: Callable[..., list[int]],
+                            decode: Callable[[list[int]], str]) -> None:
+    reference, _ = await collect(engine, "ref-s", chat_ids(), SamplingOptions(
+        **GREEDY, max_new_tokens=12))
+    text = decode(reference)
+    assert "capital of" in text, text
+    tokens, final = await collect(engine, "stop-s", chat_ids(), SamplingOptions(
+        **GREEDY, max_new_tokens=12, stop=[" of", "zzz"]))
+    assert final.finish_reason == "stop" and final.matched_stop_str == " of"
+    assert final.matched_token_id is None
+    assert final.output_ids == tokens
+    assert decode(tokens) == text[:text.index(" of")]  # trimmed
+    kept, final = await collect(engine, "stop-k", chat_ids(), SamplingOptions(
+        **GREEDY, max_new_tokens=12, stop=[" of"], no_stop_trim=True))
+    assert final.matched_stop_str == " of"
+    assert decode(kept) == text[:text.index(" of") + 3]

@@ -24,7 +24,7 @@ from tests.procs import ServiceProcess
 @pytest.fixture(scope="module")
 def worker(embedded_model_dir: Path) -> Iterator[ServiceProcess]:
     with ServiceProcess("worker", ["--model-path", str(embedded_model_dir),
-                                   "--max-running-requests", "4"]) as proc:
+                                   "--max-running-requests", "4", "--num-threads", "1"]) as proc:
         yield proc
 
 
@@ -123,7 +123,7 @@ async def test_abort_rpc(stub: pb_grpc.SglangSchedulerStub,
 @pytest.mark.parametrize(("field", "sampling", "top"), [
     ("sampling_params.top_p", {"top_p": 1.5}, {}),
     ("sampling_params.temperature", {"temperature": -0.5}, {}),
-    ("sampling_params.n", {"n": 2}, {}),
+    ("sampling_params.n", {"n": 100}, {}),
     ("sampling_params.json_schema", {"json_schema": "{}"}, {}),
     ("sampling_params.regex", {"regex": "a+"}, {}),
     ("sampling_params.top_k", {"top_k": -5}, {}),
@@ -169,11 +169,11 @@ async def test_server_info_and_loads(stub: pb_grpc.SglangSchedulerStub) -> None:
     assert info.server_args["dp_size"] == 1
     assert info.server_args["max_running_requests"] == 4
     assert info.uptime_seconds > 0 and info.start_time.seconds > 0
-    assert info.max_total_num_tokens == 8192 * 4
+    assert info.max_total_num_tokens == 8192 * 4 + 16384  # running requests + prefix cache
     loads = await stub.GetLoads(pb.GetLoadsRequest(include=["all"]))
     assert loads.dp_rank_count == 1 and len(loads.loads) == 1
     load = loads.loads[0]
-    assert load.max_running_requests == 4 and load.max_total_num_tokens == 8192 * 4
+    assert load.max_running_requests == 4 and load.max_total_num_tokens == 8192 * 4 + 16384
     assert load.HasField("memory") and load.memory.weight_gb > 0.2
 
 
