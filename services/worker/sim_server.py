@@ -55,8 +55,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "sglang.grpc.scheduler.SglangScheduler"
 
 
-def sim_params(config: WorkerConfig) -> SimParams:
-    return SimParams(
+def sim_params(config: WorkerConfig, model_dir: Path | None = None) -> SimParams:
+    """The engine's knobs from the flags; with a model directory its config.json supplies the
+    vocabulary size, EOS / BOS ids and context length (so a real tokenizer matches)."""
+    params = SimParams(
         vocab_size=config.sim_vocab_size, context_length=config.context_length or 8192,
         max_running_requests=config.max_running_requests,
         max_total_num_tokens=config.sim_max_total_tokens,
@@ -67,6 +69,19 @@ def sim_params(config: WorkerConfig) -> SimParams:
         output_tokens=config.sim_output_tokens, error_rate=config.sim_error_rate,
         hang_rate=config.sim_hang_rate, slow_start=config.sim_slow_start, seed=config.sim_seed,
         eos_token_id=config.sim_eos_token_id)
+    if model_dir is not None:
+        from services.worker.sglang_engine import model_facts
+
+        facts = model_facts(str(model_dir), context_length=config.context_length)
+        if facts.vocab_size:
+            params.vocab_size = facts.vocab_size
+        if facts.eos_token_ids:
+            params.eos_token_id = facts.eos_token_ids[0]
+        if facts.bos_token_id is not None:
+            params.bos_token_id = facts.bos_token_id
+        if facts.context_length:
+            params.context_length = facts.context_length
+    return params
 
 
 class SimServicer(base.WorkerServicer):
@@ -275,7 +290,7 @@ class SimWorker:
 
 def build_sim_worker(config: WorkerConfig, model_dir: Path | None = None,
                      served_model_name: str = "") -> SimWorker:
-    engine = SimEngine(sim_params(config))
+    engine = SimEngine(sim_params(config, model_dir))
     bootstrap = None
     if config.disaggregation_mode == "prefill":
         bootstrap = BootstrapServer(config.host, config.bootstrap_port)
