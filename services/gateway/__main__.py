@@ -16,7 +16,8 @@ from services.gateway.server import create_app
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(GatewayConfig, expand_aliases(sys.argv[1:] if argv is None else argv))
     setup_logging(config.service_name, config.log_level, config.log_json, config.error_log)
-    setup_tracing(config.service_name, config.trace_file, config.otlp_endpoint)
+    setup_tracing(config.service_name, config.trace_file, config.otlp_endpoint,
+                  config.trace_console)
     uvicorn.run(
         create_app(config), host=config.host, port=config.port, loop="uvloop",
         log_level="warning" if config.log_level == "info" else config.log_level,

@@ -26,6 +26,7 @@ class ServedModel:
     max_context_length: int
     ready_workers: int
     tokenizer_worker_url: str
+    is_generation: bool = True
 
 
 class Backends:
@@ -63,7 +64,8 @@ class Backends:
                     raise from_grpc(exc, "router") from exc
                 self._models = {
                     m.id: ServedModel(m.id, m.create_time.seconds, m.max_context_length,
-                                      m.ready_worker_count, m.tokenizer_worker_url)
+                                      m.ready_worker_count, m.tokenizer_worker_url,
+                                      m.is_generation)
                     for m in reply.models
                 }
                 self._models_at = time.monotonic()

@@ -165,3 +165,38 @@ class ResponsesRequest(OpenAIModel):
             value = self.conversation.get("id")
             return value if isinstance(value, str) else None
         return self.conversation
+
+
+class CompletionRequest(OpenAIModel):
+    """POST /v1/completions (legacy): prompt as text, texts, token ids or token id lists."""
+
+    model: str
+    prompt: Any
+    best_of: int | None = Field(None, ge=1)
+    echo: bool = False
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(16, ge=1)
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # SGLang extras
+    top_k: int = Field(-1, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    stop_token_ids: list[int] | None = None
+    regex: str | None = None
+
+    _stop_list = field_validator("stop")(ChatCompletionRequest._stop_list.__func__)  # type: ignore[attr-defined]

@@ -26,8 +26,15 @@ from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import OpenAIError, invalid
 from services.gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest
-from services.gateway.serving_chat import ChatCompletionService, new_request_id
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    ResponsesRequest,
+)
+from services.gateway.serving_chat import ChatCompletionService, _gather, new_request_id
+from services.gateway.serving_completions import PromptService, new_completion_id
 from services.gateway.serving_conversations import ConversationService
 from services.gateway.serving_responses import ResponsesService
 from services.gateway.storage import DEFAULT_TENANT, Storage, tenant_for_key
@@ -169,11 +176,18 @@ class TelemetryMiddleware:
                                       (REQUEST_ID_HEADER.encode(), request_id.encode())]
             await send(message)
 
-        with self.tracer.start_as_current_span(
-            f"{scope['method']} {route}", context=extract_context(headers), kind=SpanKind.SERVER,
-            attributes={"http.method": scope["method"], "http.route": route,
-                        "sglmesh.request_id": request_id},
-        ) as span:
+        # Recent FastAPI versions open the HTTP server span themselves (continuing the client's
+        # traceparent); annotate that one. Otherwise open it here.
+        current = trace.get_current_span()
+        if current.get_span_context().is_valid and current.is_recording():
+            span_cm: Any = trace.use_span(current, end_on_exit=False)
+        else:
+            span_cm = self.tracer.start_as_current_span(
+                f"{scope['method']} {route}", context=extract_context(headers),
+                kind=SpanKind.SERVER, attributes={"http.method": scope["method"],
+                                                  "http.route": route})
+        with span_cm as span:
+            span.set_attribute("sglmesh.request_id", request_id)
             try:
                 await self.app(scope, receive, send_wrapper)
             finally:
@@ -230,6 +244,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         state["chat"] = ChatCompletionService(backends, config.tool_call_parser,
                                               config.reasoning_parser)
         state["conversations"] = ConversationService(storage)
+        state["prompts"] = PromptService(backends)
         state["responses"] = ResponsesService(state["chat"], storage, state["conversations"])
         yield
         await backends.close()
@@ -282,6 +297,55 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                      headers={"cache-control": "no-cache"})
         result = await until_disconnect(request, chat.complete(body, rid))
         return JSONResponse(result.model_dump(exclude_none=False))
+
+    # ---- completions, native generate, tokenize, embeddings ------------------------------------
+
+    @app.post("/v1/completions", tags=["completions"])
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest, max_payload)
+        rid = request_id(request)
+        if not rid.startswith("cmpl-"):
+            rid = f"cmpl-{rid}" if request.headers.get(REQUEST_ID_HEADER) else new_completion_id()
+        prompts: PromptService = state["prompts"]
+        if body.stream:
+            frames = await until_disconnect(request, prompts.stream(body, rid))
+            return StreamingResponse(frames, media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        return JSONResponse(await until_disconnect(request, prompts.complete(body, rid)))
+
+    @app.post("/generate", tags=["sglang"])
+    async def generate(request: Request) -> Response:
+        """SGLang's native generate: {text | input_ids, sampling_params, stream, rid}."""
+        body = await read_json(request, max_payload)
+        prompts: PromptService = state["prompts"]
+        generations, stream, batch = await until_disconnect(
+            request, prompts.generate(body, request_id(request)))
+        if stream:
+            return StreamingResponse(prompts.native_stream(generations),
+                                     media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        results = await until_disconnect(request, _gather(
+            PromptService.native_result(g) for g in generations))
+        return JSONResponse(results if batch else results[0])
+
+    @app.post("/v1/tokenize", tags=["tokenizer"])
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await read_json(request, max_payload)
+        prompts: PromptService = state["prompts"]
+        return JSONResponse(await prompts.tokenize_endpoint(body, request_id(request)))
+
+    @app.post("/v1/detokenize", tags=["tokenizer"])
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await read_json(request, max_payload)
+        prompts: PromptService = state["prompts"]
+        return JSONResponse(await prompts.detokenize_endpoint(body, request_id(request)))
+
+    @app.post("/v1/embeddings", tags=["embeddings"])
+    async def embeddings(request: Request) -> JSONResponse:
+        body = await read_json(request, max_payload)
+        prompts: PromptService = state["prompts"]
+        return JSONResponse(await until_disconnect(
+            request, prompts.embeddings(body, request_id(request))))
 
     # ---- responses ---------------------------------------------------------------------------
 

@@ -340,3 +340,82 @@ def test_response_errors(base_url: str, body: dict, status: int, param: str | No
                        trust_env=False, timeout=30)
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+# ---- completions, /generate, tokenize, embeddings --------------------------------------------
+
+PROMPT = "The capital of France is"
+
+
+def test_completions(client: openai.OpenAI, base_url: str) -> None:
+    one = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert one.object == "text_completion" and one.id.startswith("cmpl-")
+    assert one.choices[0].text and one.choices[0].finish_reason == "length"
+    tokens = httpx.post(f"{base_url}/v1/tokenize", json={"model": MODEL, "prompt": PROMPT},
+                        trust_env=False).json()
+    assert one.usage.prompt_tokens == tokens["count"] == len(tokens["tokens"])
+    assert one.usage.completion_tokens == 4
+    # Token ids in, the same answer out; a list of prompts gives one choice per prompt.
+    by_ids = client.completions.create(model=MODEL, prompt=tokens["tokens"], max_tokens=4,
+                                       temperature=0)
+    assert by_ids.choices[0].text == one.choices[0].text
+    both = client.completions.create(model=MODEL, prompt=[PROMPT, "One, two,"], max_tokens=4,
+                                     temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == one.choices[0].text
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
+                                              temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == one.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"logprobs": 2}, "logprobs"),
+    ({"prompt": []}, "prompt"), ({"prompt": [1, "a"]}, "prompt"), ({"regex": "("}, "regex"),
+])
+def test_completions_rejects_clearly(base_url: str, extra: dict, param: str) -> None:
+    reply = httpx.post(f"{base_url}/v1/completions", trust_env=False, timeout=30,
+                       json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **extra})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+def test_native_generate(base_url: str, client: openai.OpenAI) -> None:
+    expected = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
+                                         temperature=0).choices[0].text
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    reply = httpx.post(f"{base_url}/generate", json=body, trust_env=False, timeout=60).json()
+    assert reply["text"] == expected
+    assert reply["meta_info"]["finish_reason"] == {"type": "length"}
+    assert reply["meta_info"]["completion_tokens"] == 4
+    lines = httpx.post(f"{base_url}/generate", json={**body, "stream": True}, trust_env=False,
+                       timeout=60).text.strip().split("\n\n")
+    assert lines[-1] == "data: [DONE]"
+    import json as _json
+    assert _json.loads(lines[-2][6:])["text"] == expected
+    bad = httpx.post(f"{base_url}/generate", trust_env=False, timeout=30,
+                     json={"text": PROMPT, "sampling_params": {"max_new_tokenz": 4}})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "sampling_params.max_new_tokenz"
+
+
+def test_tokenize_detokenize(base_url: str) -> None:
+    tokens = httpx.post(f"{base_url}/v1/tokenize", json={"model": MODEL, "prompt": "Hello world"},
+                        trust_env=False).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    text = httpx.post(f"{base_url}/v1/detokenize",
+                      json={"model": MODEL, "tokens": tokens["tokens"]}, trust_env=False).json()
+    assert text == {"text": "Hello world"}
+    bad = httpx.post(f"{base_url}/v1/detokenize", json={"model": MODEL, "tokens": ["a"]},
+                     trust_env=False)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    missing = httpx.post(f"{base_url}/v1/tokenize", json={"model": "nope", "prompt": "x"},
+                         trust_env=False)
+    assert missing.status_code == 404
+
+
+def test_embeddings_on_a_generation_model_is_a_clear_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model=MODEL, input="hello")
+    assert exc.value.body["param"] == "model"
+    assert exc.value.body["code"] == "model_not_embedding"
