@@ -377,7 +377,8 @@ def model_facts(model_path: str, tokenizer_path: str = "", context_length: int =
         facts.context_length = context_length
         return facts
     config = _read_json(directory / "config.json")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else {}
     gen = _read_json(directory / "generation_config.json")
 
     def pick(*keys: str) -> Any:

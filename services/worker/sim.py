@@ -133,7 +133,8 @@ class RadixBlockCache:
 
     def match(self, tokens: list[int]) -> list[_Node]:
         """The cached blocks that prefix ``tokens`` (touched: LRU recency updated)."""
-        node, path, now = self.root, [], self._tick()
+        node, now = self.root, self._tick()
+        path: list[_Node] = []
         for key in self._blocks(tokens):
             child = node.children.get(key)
             if child is None:
@@ -150,7 +151,8 @@ class RadixBlockCache:
     def insert(self, tokens: list[int], room_tokens: int) -> list[_Node]:
         """Stores the full blocks of ``tokens``; evicts LRU leaves to stay within
         ``room_tokens`` cached tokens. Returns the cached path (possibly shorter)."""
-        node, path, now = self.root, [], self._tick()
+        node, now = self.root, self._tick()
+        path: list[_Node] = []
         new: list[_Node] = []
         parent_of_new: _Node | None = None
         for key in self._blocks(tokens):

@@ -28,6 +28,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from smg_grpc_proto.generated import common_pb2
@@ -100,9 +101,14 @@ class SimServicer(base.WorkerServicer):
         if room is not None and self.bootstrap is not None:
             self.bootstrap.mark_done(room)
 
+    def _sim(self) -> SimEngine:
+        engine = self._engine()
+        assert isinstance(engine, SimEngine)
+        return engine
+
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        engine = self._engine()
+        engine = self._sim()
         params = request.disaggregated_params if request.HasField("disaggregated_params") \
             else None
         if params is not None or not request.request_id:
@@ -158,7 +164,7 @@ class SimServicer(base.WorkerServicer):
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         info = await super().GetServerInfo(request, context)
-        engine = self._engine()
+        engine = self._sim()
         args = info.server_args
         if "kv_events" not in args.fields or args.fields["kv_events"].WhichOneof("kind") \
                 == "null_value":
@@ -189,12 +195,12 @@ class SimServicer(base.WorkerServicer):
     async def _sim_subscribe(self, request: common_pb2.SubscribeKvEventsRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[common_pb2.KvEventBatch]:
-        engine = self._engine()
+        engine = self._sim()
         log_ = engine.kv_events
         if log_ is None:
             raise ServiceError(ErrorCode.UNIMPLEMENTED, "NO_KV_EVENTS",
                                "this worker publishes no KV events")
-        stream = log_.subscribe(request.start_sequence_number, heartbeat_s=5.0)
+        stream: Any = log_.subscribe(request.start_sequence_number, heartbeat_s=5.0)
         try:
             async with contextlib.aclosing(stream):
                 async for batch in stream:
