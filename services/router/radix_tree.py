@@ -219,9 +219,13 @@ class RadixTree:
         heapq.heapify(heap)
         while self.size > max_size and heap:
             seen, _, tenant, node = heapq.heappop(heap)
-            if node.parent is None or node.tenants.get(tenant) != seen \
+            if node.parent is None or tenant not in node.tenants \
                     or not self._is_tenant_leaf(node, tenant):
-                continue  # stale entry (merged, re-touched or no longer a leaf)
+                continue  # stale entry (merged away, or no longer this tenant's leaf)
+            if node.tenants[tenant] != seen:  # re-touched or merged: requeue at its new time
+                heapq.heappush(heap, (node.tenants[tenant], counter, tenant, node))
+                counter += 1
+                continue
             parent = node.parent
             self._drop_tenant(node, tenant)
             # The parent may now be this tenant's leaf (or a merged node replaced ``node``).

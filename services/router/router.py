@@ -14,10 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from services.common.errors import ErrorCode, ServiceError
 from services.common.net import strip_scheme
+from services.router import metrics
 from services.router.admission import Admission, auto_max_concurrent
 from services.router.config import RouterConfig
 from services.router.jobs import Job, JobKind, JobQueue
@@ -41,6 +44,7 @@ from services.router.worker_client import WorkerClient
 from services.router.workers import Health, Worker, WorkerRegistry, WorkerType
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("sglmesh.router")
 
 DOMAIN = "sglmesh.router"
 
@@ -72,6 +76,23 @@ def _apply_server_args(worker: Worker, args: dict[str, object]) -> None:
     port = args.get("disaggregation_bootstrap_port", args.get("bootstrap_port"))
     if worker.bootstrap_port is None and isinstance(port, int | float) and port > 0:
         worker.bootstrap_port = int(port)
+
+
+def _code_of(exc: BaseException) -> str:
+    """The status code name a failed request ends with (for metrics)."""
+    if isinstance(exc, ServiceError):
+        return exc.code.grpc_code.name
+    if isinstance(exc, UpstreamError):
+        return exc.code
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            return str(code().name)
+        except Exception:
+            return "UNKNOWN"
+    return "UNKNOWN"
 
 
 @dataclass
@@ -121,6 +142,8 @@ class Router:
     # lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        metrics.COLLECTOR.router = self
+        self.admission.on_reject = lambda why: metrics.ADMISSION_REJECTED.labels(why).inc()
         self.jobs.start()
         for url in self.config.worker_urls:
             self.submit_add_worker(url)
@@ -160,11 +183,12 @@ class Router:
         url = normalize_url(url)
         return self.jobs.submit(JobKind.REMOVE_WORKER, url, lambda: self._remove_worker(url))
 
-    def _new_breaker(self) -> CircuitBreaker:
-        return CircuitBreaker(self.config.circuit_breaker, on_transition=self._on_breaker)
+    def _new_breaker(self, url: str) -> CircuitBreaker:
+        def on_transition(_b: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+            log.warning("circuit breaker of %s: %s -> %s", url, old.value, new.value)
+            metrics.CB_TRANSITIONS.labels(url, old.value, new.value).inc()
 
-    def _on_breaker(self, breaker: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
-        log.warning("circuit breaker %s -> %s", old.value, new.value)
+        return CircuitBreaker(self.config.circuit_breaker, on_transition=on_transition)
 
     async def _add_worker(self, url: str, worker_type: WorkerType, labels: dict[str, str],
                           model_id: str, bootstrap_port: int | None = None) -> str:
@@ -180,7 +204,7 @@ class Router:
             card.model_id = model_id
         server_args = await client.server_info(timeout=self.config.health_check_timeout_secs)
         worker = Worker(url=url, card=card, worker_type=worker_type, labels=labels,
-                        bootstrap_port=bootstrap_port, breaker=self._new_breaker())
+                        bootstrap_port=bootstrap_port, breaker=self._new_breaker(url))
         _apply_server_args(worker, server_args)
         worker_type = worker.worker_type
         self.registry.add(worker)
@@ -218,6 +242,8 @@ class Router:
             index.block_size = int(descriptor.get("block_size") or 0)
         client = self._clients[worker.url]
         sub = KvSubscription(worker, index, client.kv_events)
+        sub.on_failure = lambda code: metrics.KV_SUBSCRIPTION_FAILURES.labels(
+            worker.url, code).inc()
         task = asyncio.create_task(sub.run(), name=f"kv-events {worker.url}")
         self.kv_subscriptions[worker.url] = (sub, task)
 
@@ -282,8 +308,14 @@ class Router:
         if exclude:
             fresh = [w for w in candidates if w.url not in exclude]
             candidates = fresh or candidates
-        worker = (self.policy_for(model_id, worker_type).select_worker(candidates, info)
-                  if candidates else None)
+        policy = self.policy_for(model_id, worker_type)
+        with tracer.start_as_current_span("router.select", attributes={
+                "sglmesh.model": model_id, "sglmesh.policy": policy.name,
+                "sglmesh.leg": worker_type.value, "sglmesh.candidates": len(candidates)}) as span:
+            worker = policy.select_worker(candidates, info) if candidates else None
+            if worker is not None:
+                span.set_attribute("sglmesh.worker", worker.url)
+                metrics.SELECTIONS.labels(worker.url, policy.name).inc()
         if worker is None:
             leg = "" if worker_type is WorkerType.REGULAR else f" {worker_type.value}"
             raise ServiceError(ErrorCode.UNAVAILABLE, "NO_HEALTHY_WORKER",
@@ -313,10 +345,30 @@ class Router:
         however the stream ends; a caller that goes away makes the worker get Abort at once.
         """
         state = state if state is not None else DispatchState()
-        with await self.admission.acquire():
-            async with aclosing(self._dispatch(request, hints, state)) as stream:
-                async for response in stream:
-                    yield response
+        model = hints.model if hints.model in self.registry.models() else (
+            self.registry.resolve_model(hints.model) or "other")
+        mode = "pd" if self.config.pd_disaggregation else "regular"
+        code = "OK"
+        with await self.admission.acquire() as permit:
+            if permit.waited:
+                metrics.ADMISSION_WAIT.observe(permit.waited)
+            start = time.monotonic()
+            first = True
+            try:
+                async with aclosing(self._dispatch(request, hints, state)) as stream:
+                    async for response in stream:
+                        if first:
+                            first = False
+                            metrics.TTFT.labels(model).observe(time.monotonic() - start)
+                        yield response
+            except BaseException as exc:
+                code = _code_of(exc)
+                raise
+            finally:
+                metrics.REQUESTS.labels(model, mode, code).inc()
+                if code != "OK":
+                    metrics.REQUEST_ERRORS.labels(model, code).inc()
+                metrics.DURATION.labels(model).observe(time.monotonic() - start)
 
     async def _dispatch(self, request: pb.GenerateRequest, hints: RequestHints,
                         state: DispatchState) -> AsyncIterator[pb.GenerateResponse]:
@@ -326,7 +378,9 @@ class Router:
         last: UpstreamError | None = None
         for attempt in range(retry.max_attempts):
             if attempt:
-                await asyncio.sleep(backoff_secs(attempt - 1, retry, self._rng))
+                delay = backoff_secs(attempt - 1, retry, self._rng)
+                metrics.RETRY_BACKOFF.observe(delay)
+                await asyncio.sleep(delay)
             try:
                 if self.config.pd_disaggregation and not hints.target_worker:
                     prefill = self.select(hints.model, info, worker_type=WorkerType.PREFILL,
@@ -362,7 +416,10 @@ class Router:
                 log.info("request %s: attempt %d on %s failed (%s), %s", request.request_id,
                          attempt + 1, worker.url, err,
                          "retrying" if attempt + 1 < retry.max_attempts else "giving up")
+                if attempt + 1 < retry.max_attempts:
+                    metrics.RETRIES.labels(worker.url).inc()
         assert last is not None
+        metrics.RETRIES_EXHAUSTED.labels(hints.model or "default").inc()
         raise last.cause or last
 
     async def _attempt(self, worker: Worker, request: pb.GenerateRequest,
@@ -373,22 +430,36 @@ class Router:
             raise UpstreamError("UNAVAILABLE", f"worker {worker.url} was removed")
         finished = False
         outcome = Outcome.IGNORED
+        span = tracer.start_span("router.attempt", attributes={
+            "sglmesh.worker": worker.url, "sglmesh.leg": worker.worker_type.value,
+            "sglmesh.request_id": request.request_id})
+        code = "CANCELLED"
         self.begin_request(request.request_id, worker)
         with worker.track():
             try:
-                async with aclosing(client.generate(request, hints.forward)) as stream:
+                stream = client.generate(request, hints.forward,
+                                         trace.set_span_in_context(span))
+                async with aclosing(stream):
                     async for response in stream:
                         yield response
                 finished = True
                 outcome = Outcome.SUCCESS
+                code = "OK"
             except UpstreamError as err:
                 finished = True
+                code = err.code
                 outcome = classify(err.code)
+                metrics.WORKER_ERRORS.labels(worker.url, err.code).inc()
                 if err.code == "DEADLINE_EXCEEDED":  # the worker may still be running it
                     self.abort_in_background(worker, request.request_id, "router timeout")
                 raise
             finally:
                 worker.breaker.record(outcome)
+                metrics.CB_OUTCOMES.labels(worker.url, outcome.value).inc()
+                span.set_attribute("rpc.grpc.status_code", code)
+                if code not in ("OK", "CANCELLED"):
+                    span.set_status(Status(StatusCode.ERROR, code))
+                span.end()
                 self.end_request(request.request_id, worker)
                 if not finished:
                     # The caller went away: stop the worker's work now.
@@ -438,6 +509,7 @@ class Router:
                     assert isinstance(err, UpstreamError)
                     log.info("request %s: PD %s leg on %s failed: %s", request.request_id, name,
                              (prefill if name == "prefill" else decode).url, err)
+                    metrics.PD_BOOTSTRAP_FAILURES.labels(name).inc()
                     raise err
                 elif name == "decode":
                     # Done; give the prefill leg a moment to finish on its own.
@@ -488,6 +560,7 @@ class Router:
         if client is None:
             return
         healthy, message = await client.health_check(self.config.health_check_timeout_secs)
+        metrics.HEALTH_CHECKS.labels(worker.url, "ok" if healthy else "failed").inc()
         if worker.record_health(healthy, message, self.config.health_success_threshold,
                                 self.config.health_failure_threshold):
             log.info("worker %s is now %s (%s)", worker.url, worker.health.value, message)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.protobuf import json_format
+from opentelemetry import context as otel_context
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
@@ -87,10 +88,19 @@ class WorkerClient:
             load.token_usage = max(load.token_usage, rank.token_usage)
         return load
 
-    async def generate(self, request: pb.GenerateRequest,
-                       metadata: Sequence[tuple[str, str]]) -> AsyncIterator[pb.GenerateResponse]:
-        """Streams Generate; a failed call raises UpstreamError; closing the iterator cancels."""
-        call = self.stub.Generate(request, metadata=tuple(metadata))
+    async def generate(self, request: pb.GenerateRequest, metadata: Sequence[tuple[str, str]],
+                       trace_context: otel_context.Context | None = None
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        """Streams Generate; a failed call raises UpstreamError; closing the iterator cancels.
+
+        ``trace_context`` (the router's attempt span) is current while the call starts, so
+        the worker's spans are its children."""
+        token = otel_context.attach(trace_context) if trace_context is not None else None
+        try:
+            call = self.stub.Generate(request, metadata=tuple(metadata))
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         done = False
         try:
             async for response in call:
