@@ -10,15 +10,14 @@ same way and returns, per worker, how many leading tokens it holds.
 :class:`KvStream` is the per-subscription sequencing: skip duplicates and load-only
 heartbeats, apply snapshot chunks, detect gaps (-> resubscribe from ``last + 1``).
 
-Plain Python over the real protobuf message classes; no I/O. Two routers fed the same events
-build the same index (the hashes are deterministic), so they make the same choices.
+Holders are bitmasks (one bit per worker), so a prompt's match is one dict lookup and one AND
+per block. Plain Python over the real protobuf message classes; no I/O. Two routers fed the
+same events hold the same blocks for the same workers, so they make the same choices.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,78 +26,129 @@ from typing import Any
 _REMOTE = 2  # KV_CACHE_LOCALITY_REMOTE
 
 
-def chain_hash(parent: int, token_ids: Sequence[int] | array) -> int:
-    data = token_ids if isinstance(token_ids, array) else array("I", token_ids)
-    digest = hashlib.blake2b(struct.pack("<Q", parent), digest_size=8)
-    digest.update(data.tobytes())
-    return int.from_bytes(digest.digest(), "little")
+def chain_hash(parent: int, token_ids: Sequence[int] | array | bytes) -> int:
+    """A block's content hash chained onto its parent's.
+
+    Python's own (SipHash) hash of ``(parent, token bytes)``: fast, and only ever compared
+    inside this process, so per-process hash seeds do not matter. Two router replicas compute
+    different numbers but the same *matches*, hence the same decisions."""
+    if not isinstance(token_ids, bytes):
+        token_ids = (token_ids if isinstance(token_ids, array) else array("I", token_ids)).tobytes()
+    return hash((parent, token_ids))
 
 
 def namespace_seed(lora_name: str = "", cache_salt: str = "") -> int:
     """The root 'parent' of a chain: blocks under another LoRA or salt never match."""
     if not lora_name and not cache_salt:
         return 0
-    return int.from_bytes(hashlib.blake2b(f"{lora_name}\0{cache_salt}".encode(),
-                                          digest_size=8).digest(), "little")
+    return hash(("ns", lora_name, cache_salt))
 
 
 def prompt_chain(tokens: Sequence[int] | array, block_size: int, seed: int = 0) -> list[int]:
     """Chain hashes of every full block of ``tokens``."""
-    tokens = tokens if isinstance(tokens, array) else array("I", tokens)
+    data = (tokens if isinstance(tokens, array) else array("I", tokens)).tobytes()
+    step = 4 * block_size
     hashes = []
     parent = seed
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = chain_hash(parent, tokens[start:start + block_size])
+    for start in range(0, len(data) - step + 1, step):
+        parent = hash((parent, data[start:start + step]))
         hashes.append(parent)
     return hashes
 
 
 @dataclass
 class _WorkerBlocks:
+    bit: int
     by_engine_hash: dict[int, int] = field(default_factory=dict)  # engine hash -> chain hash
-    refs: dict[int, int] = field(default_factory=dict)  # chain hash -> engine blocks with it
+    extra: dict[int, int] = field(default_factory=dict)  # chain hash -> duplicates beyond one
+    held: int = 0  # distinct chain hashes held
     live: bool = False
     unplaced: int = 0  # stored blocks whose parent was unknown
 
 
 class KvIndex:
+    """Block index of one model: chain hash -> bitmask of the workers holding the block."""
+
     def __init__(self, block_size: int = 0) -> None:
         self.block_size = block_size  # learned from the first stored block when 0
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, int] = {}
         self._workers: dict[str, _WorkerBlocks] = {}
+        self._free_bits: list[int] = []
+        self._next_bit = 0
 
     # ------------------------------------------------------------------ state
+
+    def _state(self, url: str) -> _WorkerBlocks:
+        state = self._workers.get(url)
+        if state is None:
+            if self._free_bits:
+                bit = self._free_bits.pop()
+            else:
+                bit, self._next_bit = self._next_bit, self._next_bit + 1
+            state = self._workers[url] = _WorkerBlocks(bit=1 << bit)
+        return state
 
     def is_live(self, url: str) -> bool:
         state = self._workers.get(url)
         return state is not None and state.live
 
     def set_live(self, url: str, live: bool) -> None:
-        self._workers.setdefault(url, _WorkerBlocks()).live = live
+        self._state(url).live = live
 
     def drop_worker(self, url: str) -> None:
         """Forgets everything about ``url`` (removed, or its stream must start over)."""
         state = self._workers.pop(url, None)
         if state is None:
             return
-        for chash in state.refs:
-            self._unhold(chash, url)
+        self._clear_blocks(state)
+        self._free_bits.append(state.bit.bit_length() - 1)
+
+    def _clear_blocks(self, state: _WorkerBlocks) -> None:
+        keep = ~state.bit
+        holders = self._holders
+        for chash in set(state.by_engine_hash.values()):
+            mask = holders.get(chash)
+            if mask is not None:
+                mask &= keep
+                if mask:
+                    holders[chash] = mask
+                else:
+                    del holders[chash]
+        state.by_engine_hash.clear()
+        state.extra.clear()
+        state.held = 0
 
     def blocks(self, url: str | None = None) -> int:
         if url is None:
             return len(self._holders)
         state = self._workers.get(url)
-        return len(state.refs) if state else 0
+        return state.held if state else 0
 
     def workers(self) -> list[str]:
         return sorted(self._workers)
 
-    def _unhold(self, chash: int, url: str) -> None:
-        holders = self._holders.get(chash)
-        if holders is not None:
-            holders.discard(url)
-            if not holders:
-                del self._holders[chash]
+    def _hold(self, state: _WorkerBlocks, chash: int) -> None:
+        mask = self._holders.get(chash, 0)
+        if mask & state.bit:
+            state.extra[chash] = state.extra.get(chash, 0) + 1
+        else:
+            self._holders[chash] = mask | state.bit
+            state.held += 1
+
+    def _unhold(self, state: _WorkerBlocks, chash: int) -> None:
+        extra = state.extra.get(chash)
+        if extra:
+            if extra > 1:
+                state.extra[chash] = extra - 1
+            else:
+                del state.extra[chash]
+            return
+        mask = self._holders.get(chash, 0) & ~state.bit
+        if mask:
+            self._holders[chash] = mask
+        else:
+            self._holders.pop(chash, None)
+        state.held -= 1
 
     # ------------------------------------------------------------------ events
 
@@ -109,28 +159,20 @@ class KvIndex:
     def apply_event(self, url: str, event: Any) -> None:
         """Applies one ``smg.grpc.common.KvCacheEvent``."""
         kind = event.WhichOneof("data")
-        state = self._workers.setdefault(url, _WorkerBlocks())
+        state = self._state(url)
         if kind == "stored":
-            self._stored(url, state, event.stored)
+            self._stored(state, event.stored)
         elif kind == "removed":
             if event.removed.HasField("locality") and event.removed.locality == _REMOTE:
                 return
             for engine_hash in event.removed.block_hashes:
                 chash = state.by_engine_hash.pop(engine_hash, None)
-                if chash is None:
-                    continue
-                left = state.refs[chash] - 1
-                if left:
-                    state.refs[chash] = left
-                else:
-                    del state.refs[chash]
-                    self._unhold(chash, url)
+                if chash is not None:
+                    self._unhold(state, chash)
         elif kind == "cleared":
-            live = state.live
-            self.drop_worker(url)
-            self._workers[url] = _WorkerBlocks(live=live)
+            self._clear_blocks(state)
 
-    def _stored(self, url: str, state: _WorkerBlocks, stored: Any) -> None:
+    def _stored(self, state: _WorkerBlocks, stored: Any) -> None:
         if stored.HasField("locality") and stored.locality == _REMOTE:
             return
         if stored.HasField("parent_block_hash"):
@@ -143,20 +185,13 @@ class KvIndex:
         for block in stored.blocks:
             if not self.block_size:
                 self.block_size = block.block_size or len(block.token_ids)
-            chash = chain_hash(parent, block.token_ids)
+            chash = hash((parent, array("I", block.token_ids).tobytes()))
             previous = state.by_engine_hash.get(block.block_hash)
             if previous != chash:
                 if previous is not None:  # the engine reused a hash: drop the old meaning
-                    state.by_engine_hash.pop(block.block_hash)
-                    left = state.refs[previous] - 1
-                    if left:
-                        state.refs[previous] = left
-                    else:
-                        del state.refs[previous]
-                        self._unhold(previous, url)
+                    self._unhold(state, previous)
                 state.by_engine_hash[block.block_hash] = chash
-                state.refs[chash] = state.refs.get(chash, 0) + 1
-                self._holders.setdefault(chash, set()).add(url)
+                self._hold(state, chash)
             parent = chash
 
     # ------------------------------------------------------------------ queries
@@ -166,25 +201,43 @@ class KvIndex:
         """Cached leading tokens of ``tokens`` per worker (only workers with a match)."""
         if not self.block_size or not self._holders:
             return {}
-        wanted = set(urls) if urls is not None else None
-        result: dict[str, int] = {}
-        alive: set[str] | None = None
+        if urls is None:
+            wanted = -1  # every bit
+        else:
+            wanted = 0
+            for url in urls:
+                state = self._workers.get(url)
+                if state is not None:
+                    wanted |= state.bit
+            if not wanted:
+                return {}
+        data = (tokens if isinstance(tokens, array) else array("I", tokens)).tobytes()
+        step = 4 * self.block_size
+        holders = self._holders
+        alive = wanted
         depth = 0
-        tokens = tokens if isinstance(tokens, array) else array("I", tokens)
-        bs = self.block_size
+        dropped: list[tuple[int, int]] = []  # (mask of workers that stopped, their depth)
         parent = seed
-        for start in range(0, len(tokens) - bs + 1, bs):
-            parent = chain_hash(parent, tokens[start:start + bs])
-            holders = self._holders.get(parent)
-            if not holders:
-                break
-            alive = (set(holders) if wanted is None else holders & wanted) if alive is None \
-                else alive & holders
-            if not alive:
-                break
-            depth += bs
-            for url in alive:
-                result[url] = depth
+        for start in range(0, len(data) - step + 1, step):
+            parent = hash((parent, data[start:start + step]))
+            now = alive & holders.get(parent, 0)
+            if now != alive:
+                if depth:
+                    dropped.append((alive & ~now, depth))
+                alive = now
+                if not alive:
+                    break
+            depth += self.block_size
+        if alive and depth:
+            dropped.append((alive, depth))
+        if not dropped:
+            return {}
+        result: dict[str, int] = {}
+        for url, state in self._workers.items():
+            for mask, at in dropped:
+                if mask & state.bit:
+                    result[url] = at
+                    break
         return result
 
 

@@ -319,7 +319,9 @@ class CacheAwarePolicy(PolicyBase):
         else:
             self.stats.misses += 1
         chosen = self._spill(workers, chosen)
-        self.tree.insert(tokens, chosen.url, self._clock())
+        if not (precise and self.kv_index is not None and self.kv_index.is_live(chosen.url)):
+            # The tree stands in for events the chosen worker does not publish.
+            self.tree.insert(tokens, chosen.url, self._clock())
         return chosen
 
     def _select_approximate(self, workers: Sequence[Worker], tokens: array
@@ -337,14 +339,15 @@ class CacheAwarePolicy(PolicyBase):
 
     def _select_precise(self, workers: Sequence[Worker], tokens: array) -> tuple[Worker, bool]:
         assert self.kv_index is not None
-        cached = self.kv_index.match(tokens, [w.url for w in workers if
-                                              self.kv_index.is_live(w.url)])
+        live = [w.url for w in workers if self.kv_index.is_live(w.url)]
+        cached = self.kv_index.match(tokens, live)
         # Workers without live events are scored from the approximate tree.
-        tree_scores = self.tree.match_per_tenant(tokens)
+        tree_scores = self.tree.match_per_tenant(tokens) if len(live) < len(workers) else {}
+        live_set = set(live)
         best: Worker | None = None
         best_key: tuple[int, int, int] | None = None
         for worker in workers:
-            score = (cached.get(worker.url, 0) if self.kv_index.is_live(worker.url)
+            score = (cached.get(worker.url, 0) if worker.url in live_set
                      else tree_scores.get(worker.url, 0))
             key = (-score, worker.load, worker.processed)
             if best_key is None or key < best_key:
