@@ -419,3 +419,73 @@ def test_embeddings_on_a_generation_model_is_a_clear_400(client: openai.OpenAI) 
         client.embeddings.create(model=MODEL, input="hello")
     assert exc.value.body["param"] == "model"
     assert exc.value.body["code"] == "model_not_embedding"
+
+
+# ---- chat completeness -------------------------------------------------------------------------
+
+CHAT = [{"role": "user", "content": FRANCE}]
+
+
+def test_chat_n_choices(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, n=2,
+                                           max_tokens=6)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].message.content == reply.choices[1].message.content  # greedy
+    assert reply.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, n=2,
+                                                 max_tokens=6, stream=True))
+    texts = {0: "", 1: ""}
+    finish = {}
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finish[choice.index] = choice.finish_reason
+    assert texts == {0: reply.choices[0].message.content, 1: reply.choices[1].message.content}
+    assert finish == {0: "length", 1: "length"}
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
+                                           max_tokens=3, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 3
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    # Greedy: the chosen token is the most likely one.
+    assert content[0].token == content[0].top_logprobs[0].token
+    streamed = list(client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
+                                                   max_tokens=3, logprobs=True, stream=True))
+    tokens = [t.token for c in streamed if c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content or []]
+    assert tokens == [t.token for t in content]
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    # Checked in the gateway, before any service sees the request.
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strng"}}}}}},
+     "response_format.json_schema.schema.properties.a.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(unclosed"}}}},
+     "response_format.json_schema.schema.pattern"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#/$defs/missing"}}}},
+     "response_format.json_schema.schema.$ref"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"regex": "[a-"}, "regex"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    # Valid, but the torch worker has no grammar backend: a 400 naming the field.
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}}, "response_format"),
+])
+def test_chat_constraints_are_checked(base_url: str, extra: dict, param: str) -> None:
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, **extra}
+    reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, trust_env=False,
+                       timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
