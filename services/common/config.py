@@ -47,7 +47,8 @@ class ServiceConfig:
     trace_file: str = option(
         "", help="Append finished OpenTelemetry spans to this file as JSON lines."
     )
-    otlp_endpoint: str = option("", help="OTLP/gRPC collector address for traces.")
+    otlp_endpoint: str = option("", help="OTLP/gRPC collector address for traces (host:port).")
+    trace_console: bool = option(False, help="Print finished spans to stdout.")
 
     def __post_init__(self) -> None:
         if self.log_level.lower() not in LOG_LEVELS:

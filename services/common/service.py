@@ -18,7 +18,8 @@ def main_for(config_cls: type[C], serve: Callable[[C], Coroutine[Any, Any, None]
     """``python -m services.<name>``: flags -> config -> logging/tracing -> ``serve(config)``."""
     config = parse_config(config_cls, argv)
     setup_logging(config.service_name, config.log_level, config.log_json, config.error_log)
-    setup_tracing(config.service_name, config.trace_file, config.otlp_endpoint)
+    setup_tracing(config.service_name, config.trace_file, config.otlp_endpoint,
+                  config.trace_console)
     try:
         run(lambda: serve(config))
     except KeyboardInterrupt:

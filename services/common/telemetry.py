@@ -8,6 +8,7 @@ trace across gateway, tokenizer, router, worker and history.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import threading
@@ -61,24 +62,31 @@ class JsonLinesSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def setup_tracing(service: str, trace_file: str = "", otlp_endpoint: str = "") -> None:
-    """Installs the global tracer provider for this process."""
+def setup_tracing(service: str, trace_file: str = "", otlp_endpoint: str = "",
+                  console: bool = False) -> None:
+    """Installs the global tracer provider for this process.
+
+    Exporters: OTLP/gRPC (batched), a JSON-lines file, the console, or none; spans are flushed
+    when the process exits.
+    """
     global _configured
     if _configured:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"sglmesh-{service}"}))
     if trace_file:
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
-    if otlp_endpoint:
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    if console:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-            provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
-            )
-        except ImportError:
-            log.warning("--otlp-endpoint set but opentelemetry-exporter-otlp is not installed")
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        endpoint = otlp_endpoint.removeprefix("grpc://").removeprefix("http://")
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
     trace.set_tracer_provider(provider)
+    atexit.register(provider.shutdown)
     _configured = True
 
 
