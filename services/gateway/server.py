@@ -10,10 +10,8 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +31,7 @@ from services.gateway.protocol import (
     ModelList,
     ResponsesRequest,
 )
+from services.gateway.serving_admin import AdminService
 from services.gateway.serving_chat import ChatCompletionService, _gather, new_request_id
 from services.gateway.serving_completions import PromptService, new_completion_id
 from services.gateway.serving_conversations import ConversationService
@@ -172,8 +171,9 @@ class TelemetryMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"],
-                                      (REQUEST_ID_HEADER.encode(), request_id.encode())]
+                if not any(k.lower() == b"x-request-id" for k, _ in message["headers"]):
+                    message["headers"] = [*message["headers"],
+                                          (REQUEST_ID_HEADER.encode(), request_id.encode())]
             await send(message)
 
         # Recent FastAPI versions open the HTTP server span themselves (continuing the client's
@@ -201,6 +201,17 @@ class TelemetryMiddleware:
                 if not route.startswith("/metrics"):
                     HTTP_REQUESTS.labels(route, str(status)).inc()
                     HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+
+
+def _worker_url(raw: str) -> str:
+    """A worker url from a path: percent-encoded or raw (``grpc:/h:p`` after slash merging)."""
+    from urllib.parse import unquote
+
+    url = unquote(raw)
+    for scheme in ("grpc:/", "http:/", "https:/"):
+        if url.startswith(scheme) and not url.startswith(scheme + "/"):
+            url = scheme + "/" + url[len(scheme):]
+    return url
 
 
 class AuthMiddleware:
@@ -245,6 +256,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                               config.reasoning_parser)
         state["conversations"] = ConversationService(storage)
         state["prompts"] = PromptService(backends)
+        state["admin"] = AdminService(backends)
         state["responses"] = ResponsesService(state["chat"], storage, state["conversations"])
         yield
         await backends.close()
@@ -463,27 +475,51 @@ def create_app(config: GatewayConfig) -> FastAPI:
         """200 while the process serves HTTP."""
         return JSONResponse({"status": "ok"})
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        """200 when the router and tokenizer are serving and some model has a ready worker."""
-        backends: Backends = state["backends"]
-        checks: dict[str, str] = {}
-        for name, channel in (("router", backends.router_channel),
-                              ("tokenizer", backends.tokenizer_channel)):
-            try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2)
-                checks[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except grpc.aio.AioRpcError as exc:
-                checks[name] = exc.code().name
-        try:
-            models = await backends.models()
-            ready = {m.id: m.ready_workers for m in models.values()}
-        except OpenAIError:
-            ready = {}
-        ok = all(v == "SERVING" for v in checks.values()) and any(ready.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "services": checks,
-                             "ready_workers": ready}, status_code=200 if ok else 503)
+    @app.get("/readiness", tags=["probes"])
+    async def readiness() -> JSONResponse:
+        """200 when the router and tokenizer are SERVING and some model has a ready worker."""
+        ok, body = await state["admin"].readiness()
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/health", tags=["probes"])
+    async def health(request: Request, full: str | None = None) -> JSONResponse:
+        """Readiness; ``?full=1``: also history, and a 1-token generation on a worker."""
+        admin: AdminService = state["admin"]
+        if full not in (None, "", "0", "false"):
+            ok, body = await admin.deep_health(request_id(request))
+        else:
+            ok, body = await admin.readiness()
+        headers = {} if ok else OpenAIError(503, "").headers()
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
+
+    # ---- admin (RouterAdminService) --------------------------------------------------------------
+
+    @app.get("/workers", tags=["admin"])
+    async def list_workers(model_id: str | None = None) -> JSONResponse:
+        return JSONResponse(await state["admin"].list_workers(model_id))
+
+    @app.post("/workers", tags=["admin"])
+    async def add_worker(request: Request) -> JSONResponse:
+        body = await read_json(request, max_payload)
+        return JSONResponse(await state["admin"].add_worker(body), status_code=202)
+
+    @app.get("/workers/{url:path}", tags=["admin"])
+    async def get_worker(url: str) -> JSONResponse:
+        return JSONResponse(await state["admin"].get_worker(_worker_url(url)))
+
+    @app.delete("/workers/{url:path}", tags=["admin"])
+    async def remove_worker(url: str) -> JSONResponse:
+        return JSONResponse(await state["admin"].remove_worker(_worker_url(url)),
+                            status_code=202)
+
+    @app.get("/get_loads", tags=["admin"])
+    async def get_loads(model_id: str | None = None) -> JSONResponse:
+        return JSONResponse(await state["admin"].loads(model_id))
+
+    @app.post("/flush_cache", tags=["admin"])
+    async def flush_cache(url: str | None = None) -> JSONResponse:
+        status, body = await state["admin"].flush_cache(url)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics() -> Response:

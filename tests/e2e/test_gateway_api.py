@@ -489,3 +489,193 @@ def test_chat_constraints_are_checked(base_url: str, extra: dict, param: str) ->
                        timeout=30)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+# ---- admin, probes, OpenAPI --------------------------------------------------------------------
+
+def test_admin_endpoints(base_url: str, suite: Suite) -> None:
+    from urllib.parse import quote
+
+    url = f"grpc://127.0.0.1:{suite.ports['worker-0']}"
+    workers = httpx.get(f"{base_url}/workers", trust_env=False).json()["workers"]
+    assert [w["url"] for w in workers] == [url]
+    one = httpx.get(f"{base_url}/workers/{quote(url, safe='')}", trust_env=False).json()
+    assert one["url"] == url and one["model_id"] == MODEL
+    loads = httpx.get(f"{base_url}/get_loads", trust_env=False).json()["loads"]
+    assert [load["url"] for load in loads] == [url]
+    flushed = httpx.post(f"{base_url}/flush_cache", trust_env=False, timeout=30)
+    assert flushed.status_code == 200 and flushed.json()["success"] is True
+    bad = httpx.post(f"{base_url}/workers", json={}, trust_env=False)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "url"
+    missing = httpx.get(f"{base_url}/workers/{quote('grpc://127.0.0.1:1', safe='')}",
+                        trust_env=False)
+    assert missing.status_code == 404
+    # Register the same worker under a second address, then remove it.
+    alias = f"grpc://localhost:{suite.ports['worker-0']}"
+    added = httpx.post(f"{base_url}/workers", json={"url": alias}, trust_env=False)
+    assert added.status_code == 202 and added.json()["job"]["kind"] == "JOB_KIND_ADD_WORKER"
+    deadline = time.monotonic() + 30
+    while alias not in [w["url"] for w in httpx.get(f"{base_url}/workers",
+                                                    trust_env=False).json()["workers"]]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    removed = httpx.delete(f"{base_url}/workers/{quote(alias, safe='')}", trust_env=False)
+    assert removed.status_code == 202
+    while alias in [w["url"] for w in httpx.get(f"{base_url}/workers",
+                                                trust_env=False).json()["workers"]]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_probes(base_url: str, suite: Suite) -> None:
+    assert httpx.get(f"{base_url}/liveness", trust_env=False).status_code == 200
+    assert httpx.get(f"{base_url}/readiness", trust_env=False).status_code == 200
+    deep = httpx.get(f"{base_url}/health?full=1", trust_env=False, timeout=60)
+    assert deep.status_code == 200, deep.text
+    body = deep.json()
+    assert body["services"] == {"router": "SERVING", "tokenizer": "SERVING",
+                                "history": "SERVING"}
+    assert body["generation"]["ok"] is True and body["generation"]["completion_tokens"] == 1
+    # Nothing behind it: alive, not ready, deep health fails, API calls are 503 + Retry-After.
+    dead = f"127.0.0.1:{free_port()}"
+    with gateway(suite, "--router", dead, "--tokenizer", dead, history=dead) as url:
+        assert httpx.get(f"{url}/liveness", trust_env=False).status_code == 200
+        assert httpx.get(f"{url}/readiness", trust_env=False, timeout=30).status_code == 503
+        deep = httpx.get(f"{url}/health?full=1", trust_env=False, timeout=30)
+        assert deep.status_code == 503 and deep.json()["generation"]["ok"] is False
+        models = httpx.get(f"{url}/v1/models", trust_env=False, timeout=30)
+        assert models.status_code == 503 and models.headers["retry-after"] == "1"
+        assert models.json()["error"]["type"] == "service_unavailable"
+
+
+def test_openapi_describes_every_endpoint(base_url: str) -> None:
+    paths = httpx.get(f"{base_url}/openapi.json", trust_env=False).json()["paths"]
+    expected = {
+        "/v1/chat/completions": {"post"}, "/v1/completions": {"post"},
+        "/v1/embeddings": {"post"}, "/v1/tokenize": {"post"}, "/v1/detokenize": {"post"},
+        "/generate": {"post"}, "/v1/models": {"get"}, "/v1/models/{model_id}": {"get"},
+        "/v1/responses": {"post"}, "/v1/responses/{response_id}": {"get", "delete"},
+        "/v1/responses/{response_id}/cancel": {"post"},
+        "/v1/responses/{response_id}/input_items": {"get"},
+        "/v1/conversations": {"post"},
+        "/v1/conversations/{conversation_id}": {"get", "post", "delete"},
+        "/v1/conversations/{conversation_id}/items": {"get", "post"},
+        "/v1/conversations/{conversation_id}/items/{item_id}": {"get", "delete"},
+        "/workers": {"get", "post"}, "/workers/{url}": {"get", "delete"},
+        "/get_loads": {"get"}, "/flush_cache": {"post"}, "/liveness": {"get"},
+        "/readiness": {"get"}, "/health": {"get"}, "/metrics": {"get"},
+    }
+    for path, methods in expected.items():
+        assert path in paths, path
+        assert methods <= set(paths[path]), (path, paths[path].keys())
+
+
+# ---- behaviour: payload limit, back-pressure, disconnect, request ids ------------------------
+
+def test_payload_limit_is_413(suite: Suite) -> None:
+    with gateway(suite, "--max-payload-size", "2000") as url:
+        big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=big, trust_env=False)
+        assert reply.status_code == 413
+        assert reply.json()["error"]["code"] == "payload_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no content-length: counted while reading
+            yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}]}'
+
+        reply = httpx.post(f"{url}/v1/chat/completions", content=chunks(), trust_env=False,
+                           headers={"content-type": "application/json"})
+        assert reply.status_code == 413
+        small = httpx.post(f"{url}/v1/chat/completions", trust_env=False, timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert small.status_code == 200
+
+
+LONG = {"model": MODEL, "max_tokens": 2000, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Count from one to a thousand."}]}
+
+
+def _worker_active(suite: Suite) -> int:
+    import grpc
+    from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
+    from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
+
+    from services.common.net import CHANNEL_OPTIONS
+
+    with grpc.insecure_channel(f"127.0.0.1:{suite.ports['worker-0']}",
+                               options=CHANNEL_OPTIONS) as channel:
+        return pb_grpc.SglangSchedulerStub(channel).GetServerInfo(
+            pb.GetServerInfoRequest(), timeout=10).active_requests
+
+
+def _wait_idle(suite: Suite, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while _worker_active(suite) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _worker_active(suite) == 0
+
+
+def test_non_stream_disconnect_cancels_the_generation(base_url: str, suite: Suite) -> None:
+    _wait_idle(suite)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/chat/completions", json=LONG, trust_env=False, timeout=4)
+    # The client hung up on a non-streaming request: the gateway cancels, the worker aborts.
+    _wait_idle(suite, timeout=5)
+
+
+def test_back_pressure_is_429_with_retry_after(suite: Suite) -> None:
+    import threading
+
+    router = ServiceProcess("router", [
+        "--worker-urls", f"grpc://127.0.0.1:{suite.ports['worker-0']}",
+        "--max-concurrent-requests", "1", "--queue-size", "0"])
+    router.start()
+    try:
+        with gateway(suite, "--router", router.target) as url:
+            started, release = threading.Event(), threading.Event()
+
+            def hold() -> None:  # one long streaming request holds the only slot
+                with httpx.Client(trust_env=False, timeout=60) as http, http.stream(
+                        "POST", f"{url}/v1/chat/completions", json={**LONG, "stream": True}
+                ) as stream:
+                    for line in stream.iter_lines():
+                        if '"content"' in line:
+                            started.set()
+                            release.wait(60)
+                            break
+
+            holder = threading.Thread(target=hold)
+            holder.start()
+            assert started.wait(60)
+            try:
+                reply = httpx.post(f"{url}/v1/chat/completions", trust_env=False, timeout=30,
+                                   json={**LONG, "max_tokens": 1})
+                assert reply.status_code == 429, reply.text
+                assert reply.headers["retry-after"] == "1"
+                assert reply.json()["error"]["type"] == "rate_limit_error"
+                with pytest.raises(openai.RateLimitError):
+                    sdk(url).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
+            finally:
+                release.set()
+                holder.join(30)
+    finally:
+        router.stop()
+    _wait_idle(suite)
+
+
+def test_request_ids(base_url: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    echoed = httpx.post(f"{base_url}/v1/chat/completions", json=body, trust_env=False,
+                        timeout=60, headers={"x-request-id": "my-id-1"})
+    assert echoed.headers["x-request-id"] == "my-id-1"
+    assert echoed.json()["id"] == "chatcmpl-my-id-1"
+    other = httpx.get(f"{base_url}/v1/models", trust_env=False,
+                      headers={"x-correlation-id": "corr-7"})
+    assert other.headers["x-request-id"] == "corr-7"
+    generated = httpx.get(f"{base_url}/v1/models", trust_env=False)
+    assert len(generated.headers["x-request-id"]) > 20
+    error = httpx.get(f"{base_url}/v1/conversations/conv_nope", trust_env=False,
+                      headers={"x-request-id": "err-1"})
+    assert error.status_code == 404 and error.headers["x-request-id"] == "err-1"
