@@ -1,0 +1,328 @@
+"""Added latency and CPU per request of gateway + tokenizer + router over calling a worker
+directly, non-streaming and streaming, at several concurrencies; optionally the same requests
+through SMG (``smg.launch_router``, gRPC mode, the same worker) for sglmesh/SMG ratios.
+
+The worker is ``--engine sim`` with every timing set to 0, so it answers (almost) instantly and
+what is measured is the serving path. Latency: client-side p50/p99 per request. CPU: the
+user+system time the serving processes (gateway, tokenizer, router; or SMG) used during a
+level, divided by its requests (read from /proc/<pid>/stat).
+
+    .venv/bin/python benchmarks/gateway_overhead.py --concurrency 1 16 64 --requests 300 --smg
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.common.net import CHANNEL_OPTIONS, free_port  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+MESSAGES = [{"role": "user", "content": "Hello! Please tell me about the weather today."}]
+LOOPBACK = "127.0.0.1,localhost,::1"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], logs: Path) -> None:
+        self.name = name
+        self.log = logs / f"{name}.log"
+        env = {**os.environ, "no_proxy": LOOPBACK, "NO_PROXY": LOOPBACK,
+               "no_grpc_proxy": LOOPBACK}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def wait_grpc(target: str, proc: Proc, timeout: float = 120) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            proc.check()
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{proc.name} not serving")
+
+
+def wait_http(url: str, proc: Proc, ok: Callable[[httpx.Response], bool],
+              timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=5) as client:
+        while time.monotonic() < deadline:
+            proc.check()
+            try:
+                if ok(client.get(url)):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{proc.name} not ready at {url}")
+
+
+async def run_level(one: Callable[[], Awaitable[None]], requests: int, concurrency: int
+                    ) -> list[float]:
+    latencies: list[float] = []
+    remaining = [requests]
+
+    async def loop() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            start = time.perf_counter()
+            await one()
+            latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def measure(name: str, one: Callable[[], Awaitable[None]], pids: dict[str, int],
+                  concurrency: int, requests: int, warmup: int) -> dict[str, Any]:
+    await run_level(one, warmup, min(concurrency, warmup))
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    wall = time.perf_counter()
+    latencies = await run_level(one, requests, concurrency)
+    wall = time.perf_counter() - wall
+    used = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+    cpu = sum(used.values())
+    return {"cpu_ms_per_request_by_process": {
+                k: round(v * 1000 / requests, 3) for k, v in used.items()},
+            "path": name, "concurrency": concurrency, "requests": requests,
+            "p50_ms": round(pct(latencies, 0.5), 2), "p99_ms": round(pct(latencies, 0.99), 2),
+            "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
+            "rps": round(requests / wall, 1),
+            "cpu_ms_per_request": round(cpu * 1000 / requests, 3) if pids else None}
+
+
+def http_call(client: httpx.AsyncClient, url: str, model: str, stream: bool, max_tokens: int
+              ) -> Callable[[], Awaitable[None]]:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0,
+            "stream": stream}
+
+    async def one() -> None:
+        if stream:
+            async with client.stream("POST", url, json=body) as reply:
+                assert reply.status_code == 200, await reply.aread()
+                async for _ in reply.aiter_bytes():
+                    pass
+        else:
+            reply = await client.post(url, json=body)
+            assert reply.status_code == 200, reply.text
+
+    return one
+
+
+def direct_call(stub: Any, ids: list[int], stream: bool, max_tokens: int
+                ) -> Callable[[], Awaitable[None]]:
+    from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
+
+    counter = [0]
+
+    async def one() -> None:
+        counter[0] += 1
+        request = pb.GenerateRequest(
+            request_id=f"direct-{counter[0]}", tokenized=pb.TokenizedInput(input_ids=ids),
+            sampling_params=pb.SamplingParams(temperature=0, top_p=1, top_k=-1,
+                                              repetition_penalty=1, max_new_tokens=max_tokens,
+                                              skip_special_tokens=True),
+            stream=stream)
+        async for _ in stub.Generate(request):
+            pass
+
+    return one
+
+
+async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from services.worker.model_store import ensure_embedded_model
+
+    model_dir = ensure_embedded_model(Path(args.model_cache).expanduser())
+    logs = Path(tempfile.mkdtemp(prefix="sglmesh-bench-"))
+    procs: list[Proc] = []
+    results: list[dict[str, Any]] = []
+
+    def start(name: str, args_: list[str]) -> Proc:
+        proc = Proc(name, args_, logs)
+        procs.append(proc)
+        return proc
+
+    try:
+        wport, rport, tport, gport = free_port(), free_port(), free_port(), free_port()
+        worker = start("worker", [
+            "-m", "services.worker", "--port", str(wport), "--engine", "sim",
+            "--model-path", str(model_dir), "--sim-decode-ms", "0",
+            "--sim-decode-ms-per-running", "0", "--sim-prefill-ms-per-token", "0",
+            "--max-running-requests", "256", "--log-level", "warning"])
+        wait_grpc(f"127.0.0.1:{wport}", worker)
+        router = start("router", ["-m", "services.router", "--port", str(rport),
+                                  "--worker-urls", f"grpc://127.0.0.1:{wport}",
+                                  "--log-level", "warning"])
+        tokenizer = start("tokenizer", ["-m", "services.tokenizer", "--port", str(tport),
+                                        "--log-level", "warning"])
+        wait_grpc(f"127.0.0.1:{rport}", router)
+        wait_grpc(f"127.0.0.1:{tport}", tokenizer)
+        gateway = start("gateway", ["-m", "services.gateway", "--port", str(gport),
+                                    "--router", f"127.0.0.1:{rport}",
+                                    "--tokenizer", f"127.0.0.1:{tport}",
+                                    "--log-level", "warning"])
+        base = f"http://127.0.0.1:{gport}"
+        wait_http(f"{base}/health", gateway, lambda r: r.status_code == 200)
+        smg_base = ""
+        smg: Proc | None = None
+        if args.smg:
+            sport = free_port()
+            smg = start("smg", [
+                "-m", "smg.launch_router", "--host", "127.0.0.1", "--port", str(sport),
+                "--worker-urls", f"grpc://127.0.0.1:{wport}", "--policy", "round_robin",
+                "--model-path", str(model_dir), "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", str(free_port()), "--log-level", "warn"])
+            smg_base = f"http://127.0.0.1:{sport}"
+            wait_http(f"{smg_base}/workers", smg, lambda r: any(
+                w.get("is_healthy") for w in r.json().get("workers", [])))
+
+        limits = httpx.Limits(max_connections=max(args.concurrency) + 8,
+                              max_keepalive_connections=max(args.concurrency) + 8)
+        async with httpx.AsyncClient(trust_env=False, timeout=120, limits=limits) as client:
+            model = (await client.get(f"{base}/v1/models")).json()["data"][0]["id"]
+            smg_model = ""
+            if smg_base:
+                smg_model = (await client.get(f"{smg_base}/v1/models")).json()["data"][0]["id"]
+                deadline = time.monotonic() + 60  # SMG answers 503 until its tokenizer loads
+                while (await client.post(f"{smg_base}/v1/chat/completions", json={
+                        "model": smg_model, "messages": MESSAGES, "max_tokens": 1})
+                       ).status_code == 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+            # The first chat request makes the gateway load the tokenizer from the worker.
+            first = await client.post(f"{base}/v1/chat/completions", json={
+                "model": model, "messages": MESSAGES, "max_tokens": 1})
+            assert first.status_code == 200, first.text
+            ids = await prompt_ids(f"127.0.0.1:{tport}", model)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{wport}", options=CHANNEL_OPTIONS)
+            from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
+
+            stub = pb_grpc.SglangSchedulerStub(channel)
+            serving = {"router": router.proc.pid, "tokenizer": tokenizer.proc.pid,
+                       "gateway": gateway.proc.pid}
+            for stream in (False, True):
+                for c in args.concurrency:
+                    n = max(args.requests, c * 4)
+                    row: dict[str, Any] = {"stream": stream, "concurrency": c}
+                    for path, one, pids in [
+                        ("direct", direct_call(stub, ids, stream, args.max_tokens),
+                         {}),
+                        ("sglmesh", http_call(client, f"{base}/v1/chat/completions", model,
+                                              stream, args.max_tokens), serving),
+                    ] + ([("smg", http_call(client, f"{smg_base}/v1/chat/completions",
+                                            smg_model, stream, args.max_tokens),
+                           {"smg": smg.proc.pid})] if smg is not None else []):
+                        row[path] = await measure(path, one, pids, c, n, args.warmup)
+                    row["added_p50_ms"] = round(row["sglmesh"]["p50_ms"]
+                                                - row["direct"]["p50_ms"], 2)
+                    if "smg" in row:
+                        smg_added = row["smg"]["p50_ms"] - row["direct"]["p50_ms"]
+                        row["smg_added_p50_ms"] = round(smg_added, 2)
+                        row["cpu_ratio_sglmesh_smg"] = round(
+                            row["sglmesh"]["cpu_ms_per_request"]
+                            / max(row["smg"]["cpu_ms_per_request"], 1e-6), 2)
+                        row["added_p50_ratio_sglmesh_smg"] = round(
+                            row["added_p50_ms"] / max(smg_added, 1e-3), 2)
+                    results.append(row)
+                    print(summary(row), flush=True)
+            await channel.close()
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    return results
+
+
+async def prompt_ids(tokenizer: str, model: str) -> list[int]:
+    """The same prompt the gateway renders, for the direct calls."""
+    from google.protobuf import struct_pb2
+    from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
+    from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc as tok_grpc
+
+    async with grpc.aio.insecure_channel(tokenizer, options=CHANNEL_OPTIONS) as channel:
+        message = struct_pb2.Struct()
+        message.update(MESSAGES[0])
+        reply = await tok_grpc.TokenizerServiceStub(channel).RenderChat(
+            tok_pb.RenderChatRequest(model=model, messages=[message]))
+    return list(reply.token_ids)
+
+
+def summary(row: dict[str, Any]) -> str:
+    mode = "stream" if row["stream"] else "non-stream"
+    d, s = row["direct"], row["sglmesh"]
+    text = (f"{mode:10} c={row['concurrency']:<3} direct p50 {d['p50_ms']:7.2f} ms | sglmesh "
+            f"p50 {s['p50_ms']:7.2f} ms (+{row['added_p50_ms']:.2f}) p99 {s['p99_ms']:7.2f} "
+            f"{s['rps']:6.1f} req/s cpu {s['cpu_ms_per_request']:6.2f} ms/req "
+            f"{s['cpu_ms_per_request_by_process']}")
+    if "smg" in row:
+        m = row["smg"]
+        text += (f" | smg p50 {m['p50_ms']:7.2f} (+{row['smg_added_p50_ms']:.2f}) "
+                 f"{m['rps']:6.1f} req/s cpu {m['cpu_ms_per_request']:6.2f} ms/req | ratios "
+                 f"cpu {row['cpu_ratio_sglmesh_smg']} added-p50 "
+                 f"{row['added_p50_ratio_sglmesh_smg']}")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--requests", type=int, default=300, help="requests per level")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--smg", action="store_true", help="also measure smg.launch_router")
+    parser.add_argument("--model-cache", default=os.environ.get(
+        "SGLMESH_MODEL_CACHE", "~/.cache/sglmesh/models"))
+    parser.add_argument("--out", default="", help="write the rows as JSON here")
+    args = parser.parse_args()
+    results = asyncio.run(bench(args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
