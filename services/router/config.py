@@ -57,6 +57,20 @@ class RouterConfig(ServiceConfig):
     worker_urls: list[str] = option([], help="Workers to register at start-up (grpc://host:port).")
     policy: str = option("round_robin", help="Load-balancing policy.",
                          metadata={"choices": POLICY_NAMES})
+    service_discovery: bool = option(
+        False, help="Find workers as Kubernetes pods (label selectors; in-cluster config or "
+                    "KUBECONFIG).")
+    selector: list[str] = option([], help="Pod labels of regular workers: k=v ...")
+    prefill_selector: list[str] = option([], help="Pod labels of PD prefill workers: k=v ...")
+    decode_selector: list[str] = option([], help="Pod labels of PD decode workers: k=v ...")
+    service_discovery_namespace: str = option(
+        "", help="Namespace to watch (empty = every namespace).")
+    service_discovery_port: int = option(80, help="The workers' gRPC port on each pod.")
+    bootstrap_port_annotation: str = option(
+        "sglang.ai/bootstrap-port", help="Pod annotation with a prefill pod's bootstrap port.")
+    service_discovery_relist_secs: float = option(
+        60.0, help="Full re-list period (the watch's timeout), so no stale pod survives a "
+                   "missed event.")
     pd_disaggregation: bool = option(
         False, help="Prefill/decode disaggregation: each request goes to a prefill and a "
                     "decode worker (--prefill, --decode).")
@@ -99,10 +113,10 @@ class RouterConfig(ServiceConfig):
     worker_startup_timeout_secs: float = option(
         300.0, help="How long registration waits for a worker to answer GetModelInfo.")
     abort_timeout_secs: float = option(5.0, help="Timeout of the Abort sent on cancellation.")
-    remove_unhealthy_workers: bool = option(
-        False, help="Remove a worker that stays unhealthy (not ready for 3x, or pending for 10x "
-                    "--health-failure-threshold consecutive failed checks); SMG's "
-                    "--remove-unhealthy-workers.")
+    remove_unhealthy_workers: bool | None = option(
+        None, help="Remove a worker that stays unhealthy (not ready for 3x, or pending for 10x "
+                   "--health-failure-threshold consecutive failed checks); SMG's flag. "
+                   "Default: on with --service-discovery, else off.")
     load_monitor_interval: float = option(
         10.0, help="Seconds between GetLoads polls (skipped for workers whose KV-event stream "
                    "pushes their load).")
@@ -166,6 +180,23 @@ class RouterConfig(ServiceConfig):
             raise ValueError("--queue-timeout-secs must be positive")
         if self.rate_limit_tokens_per_second < 0:
             raise ValueError("--rate-limit-tokens-per-second must be >= 0")
+        if self.remove_unhealthy_workers is None:
+            self.remove_unhealthy_workers = self.service_discovery
+        if self.service_discovery:
+            from services.router.discovery import parse_selector
+
+            for flag, value in (("--selector", self.selector),
+                                ("--prefill-selector", self.prefill_selector),
+                                ("--decode-selector", self.decode_selector)):
+                try:
+                    parse_selector(value)
+                except ValueError as exc:
+                    raise ValueError(f"{flag}: {exc}") from None
+            if not (self.selector or self.prefill_selector or self.decode_selector):
+                raise ValueError("--service-discovery needs --selector (or --prefill-selector/"
+                                 "--decode-selector)")
+            if not 0 < self.service_discovery_port < 65536:
+                raise ValueError("--service-discovery-port must be 1-65535")
         self.prefill_workers = parse_prefill(self.prefill)
         if self.pd_disaggregation and not (self.prefill_workers and self.decode):
             raise ValueError("--pd-disaggregation needs at least one --prefill and one --decode")

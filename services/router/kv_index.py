@@ -62,7 +62,6 @@ class _WorkerBlocks:
     by_engine_hash: dict[int, int] = field(default_factory=dict)  # engine hash -> chain hash
     extra: dict[int, int] = field(default_factory=dict)  # chain hash -> duplicates beyond one
     held: int = 0  # distinct chain hashes held
-    live: bool = False
     unplaced: int = 0  # stored blocks whose parent was unknown
 
 
@@ -74,6 +73,8 @@ class KvIndex:
         self._holders: dict[int, int] = {}
         self._workers: dict[str, _WorkerBlocks] = {}
         self._free_bits: list[int] = []
+        self._urls_by_bit: dict[int, str] = {}
+        self.live_urls: set[str] = set()  # workers whose events are followed live
         self._next_bit = 0
 
     # ------------------------------------------------------------------ state
@@ -86,21 +87,27 @@ class KvIndex:
             else:
                 bit, self._next_bit = self._next_bit, self._next_bit + 1
             state = self._workers[url] = _WorkerBlocks(bit=1 << bit)
+            self._urls_by_bit[state.bit] = url
         return state
 
     def is_live(self, url: str) -> bool:
-        state = self._workers.get(url)
-        return state is not None and state.live
+        return url in self.live_urls
 
     def set_live(self, url: str, live: bool) -> None:
-        self._state(url).live = live
+        self._state(url)
+        if live:
+            self.live_urls.add(url)
+        else:
+            self.live_urls.discard(url)
 
     def drop_worker(self, url: str) -> None:
         """Forgets everything about ``url`` (removed, or its stream must start over)."""
+        self.live_urls.discard(url)
         state = self._workers.pop(url, None)
         if state is None:
             return
         self._clear_blocks(state)
+        self._urls_by_bit.pop(state.bit, None)
         self._free_bits.append(state.bit.bit_length() - 1)
 
     def _clear_blocks(self, state: _WorkerBlocks) -> None:
@@ -233,11 +240,14 @@ class KvIndex:
         if not dropped:
             return {}
         result: dict[str, int] = {}
-        for url, state in self._workers.items():
-            for mask, at in dropped:
-                if mask & state.bit:
+        urls_by_bit = self._urls_by_bit
+        for mask, at in dropped:
+            while mask:
+                low = mask & -mask
+                url = urls_by_bit.get(low)
+                if url is not None:
                     result[url] = at
-                    break
+                mask ^= low
         return result
 
 

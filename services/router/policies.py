@@ -88,12 +88,13 @@ class PolicyBase:
 def least_loaded(workers: Sequence[Worker]) -> Worker | None:
     """Min by ``(load, processed, position)`` (SMG #1714): spreads ties instead of piling on
     the first worker, and is deterministic for replicas that saw the same traffic."""
-    best: Worker | None = None
-    best_key: tuple[int, int] | None = None
+    if not workers:
+        return None
+    best = workers[0]
     for worker in workers:
-        key = (worker.load, worker.processed)
-        if best_key is None or key < best_key:
-            best, best_key = worker, key
+        load = worker.in_flight
+        if load < best.in_flight or (load == best.in_flight and worker.processed < best.processed):
+            best = worker
     return best
 
 
@@ -174,14 +175,16 @@ class ConsistentHashingPolicy(PolicyBase):
                  rng: random.Random | None = None) -> None:
         super().__init__(config, rng)
         self._ring: HashRing | None = None
-        self._ring_urls: frozenset[str] = frozenset()
+        self._ring_urls: tuple[str, ...] = ()
+        self._positions: dict[str, int] = {}
 
-    def _ring_for(self, workers: Sequence[Worker]) -> HashRing:
-        urls = frozenset(w.url for w in workers)
+    def _ring_for(self, workers: Sequence[Worker]) -> tuple[HashRing, dict[str, int]]:
+        urls = tuple(w.url for w in workers)
         if self._ring is None or urls != self._ring_urls:
             self._ring = HashRing(sorted(urls), self.config.virtual_nodes)
             self._ring_urls = urls
-        return self._ring
+            self._positions = {url: i for i, url in enumerate(urls)}
+        return self._ring, self._positions
 
     def key_of(self, info: SelectionInfo) -> bytes | None:
         return info.routing_key.encode() if info.routing_key else None
@@ -192,8 +195,9 @@ class ConsistentHashingPolicy(PolicyBase):
         key = self.key_of(info)
         if key is None:
             return self._rng.choice(list(workers))
-        url = self._ring_for(workers).lookup(stable_hash(key))
-        return next((w for w in workers if w.url == url), None)
+        ring, positions = self._ring_for(workers)
+        url = ring.lookup(stable_hash(key))
+        return workers[positions[url]] if url is not None else None
 
 
 class ManualPolicy(PolicyBase):
@@ -255,14 +259,15 @@ class PrefixHashPolicy(ConsistentHashingPolicy):
 
     def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
         worker = super().select_worker(workers, info)
-        if worker is None or len(workers) < 2:
+        if worker is None or len(workers) < 2 or not worker.in_flight:
             return worker
-        mean = sum(w.load for w in workers) / len(workers)
-        lightest = least_loaded(workers)
-        assert lightest is not None
-        if (worker.load > self.config.prefix_hash_load_factor * mean
-                and worker.load - lightest.load > self.config.prefix_hash_balance_abs_threshold):
-            return lightest
+        mean = sum(w.in_flight for w in workers) / len(workers)
+        if worker.in_flight > self.config.prefix_hash_load_factor * mean:
+            lightest = least_loaded(workers)
+            assert lightest is not None
+            if worker.in_flight - lightest.in_flight > \
+                    self.config.prefix_hash_balance_abs_threshold:
+                return lightest
         return worker
 
 
@@ -308,63 +313,54 @@ class CacheAwarePolicy(PolicyBase):
         tokens = array("I", info.token_ids)
         if not tokens:
             return least_loaded(workers)
-        precise = self.kv_index is not None and any(
-            self.kv_index.is_live(w.url) for w in workers)
-        if precise:
-            chosen, hit = self._select_precise(workers, tokens)
+        index = self.kv_index
+        live = index.live_urls if index is not None else frozenset()
+        tree_scores: dict[str, int] | None = None
+        if live:
+            # Precise: cached prefix per worker from the event index; workers without live
+            # events are scored from the tree (computed only if such a worker is offered).
+            assert index is not None
+            scores = index.match(tokens)
         else:
-            chosen, hit = self._select_approximate(workers, tokens)
+            match = self.tree.prefix_match(tokens)
+            hit = match.matched / len(tokens) > self.config.cache_threshold
+            scores = dict.fromkeys(match.tenants, 1) if hit else {}
+        # One pass: the best (score desc, load, processed), the least loaded, the total load.
+        best = lightest = workers[0]
+        best_score = -1
+        total = 0
+        for worker in workers:
+            url = worker.url
+            load = worker.in_flight
+            total += load
+            if not live or url in live:
+                score = scores.get(url, 0)
+            else:
+                if tree_scores is None:
+                    tree_scores = self.tree.match_per_tenant(tokens)
+                score = tree_scores.get(url, 0)
+            if score > best_score or (score == best_score and (
+                    load < best.in_flight or (load == best.in_flight
+                                              and worker.processed < best.processed))):
+                best, best_score = worker, score
+            if load < lightest.in_flight or (load == lightest.in_flight
+                                             and worker.processed < lightest.processed):
+                lightest = worker
+        hit = best_score > 0
+        chosen = best if hit else lightest
         if hit:
             self.stats.hits += 1
         else:
             self.stats.misses += 1
-        chosen = self._spill(workers, chosen)
-        if not (precise and self.kv_index is not None and self.kv_index.is_live(chosen.url)):
+        # Spill gate (SMG 1.13): an overloaded choice goes to the least-loaded worker.
+        mean = total / len(workers)
+        if (chosen is not lightest and chosen.in_flight > mean * self.config.balance_rel_threshold
+                and chosen.in_flight > mean + self.config.balance_abs_threshold):
+            self.stats.spills += 1
+            chosen = lightest
+        if not live or chosen.url not in live:
             # The tree stands in for events the chosen worker does not publish.
             self.tree.insert(tokens, chosen.url, self._clock())
-        return chosen
-
-    def _select_approximate(self, workers: Sequence[Worker], tokens: array
-                            ) -> tuple[Worker, bool]:
-        match = self.tree.prefix_match(tokens)
-        if match.matched / len(tokens) > self.config.cache_threshold:
-            holders = [w for w in workers if w.url in match.tenants]
-            if holders:
-                chosen = least_loaded(holders)
-                assert chosen is not None
-                return chosen, True
-        chosen = least_loaded(workers)
-        assert chosen is not None
-        return chosen, False
-
-    def _select_precise(self, workers: Sequence[Worker], tokens: array) -> tuple[Worker, bool]:
-        assert self.kv_index is not None
-        live = [w.url for w in workers if self.kv_index.is_live(w.url)]
-        cached = self.kv_index.match(tokens, live)
-        # Workers without live events are scored from the approximate tree.
-        tree_scores = self.tree.match_per_tenant(tokens) if len(live) < len(workers) else {}
-        live_set = set(live)
-        best: Worker | None = None
-        best_key: tuple[int, int, int] | None = None
-        for worker in workers:
-            score = (cached.get(worker.url, 0) if worker.url in live_set
-                     else tree_scores.get(worker.url, 0))
-            key = (-score, worker.load, worker.processed)
-            if best_key is None or key < best_key:
-                best, best_key = worker, key
-        assert best is not None and best_key is not None
-        return best, best_key[0] < 0
-
-    def _spill(self, workers: Sequence[Worker], chosen: Worker) -> Worker:
-        if len(workers) < 2:
-            return chosen
-        mean = sum(w.load for w in workers) / len(workers)
-        if (chosen.load > mean * self.config.balance_rel_threshold
-                and chosen.load > mean + self.config.balance_abs_threshold):
-            lightest = least_loaded(workers)
-            if lightest is not None and lightest is not chosen:
-                self.stats.spills += 1
-                return lightest
         return chosen
 
     def on_worker_removed(self, worker: Worker) -> None:

@@ -23,6 +23,8 @@ from services.common.net import strip_scheme
 from services.router import metrics
 from services.router.admission import Admission, auto_max_concurrent
 from services.router.config import RouterConfig
+from services.router.discovery import Action as DiscoveryAction
+from services.router.discovery import KubernetesDiscovery, PodReconciler, parse_selector
 from services.router.jobs import Job, JobKind, JobQueue
 from services.router.kv_index import KvIndex
 from services.router.kv_sync import KvSubscription
@@ -120,8 +122,9 @@ class DispatchState:
 class Router:
     def __init__(self, config: RouterConfig,
                  client_factory: Callable[[str], WorkerClient] = WorkerClient,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, kube_api: object = None) -> None:
         self.config = config
+        self._kube_api = kube_api  # a kubernetes CoreV1Api (tests); None = in-cluster/kubeconfig
         self.registry = WorkerRegistry()
         self.jobs = JobQueue()
         self._client_factory = client_factory
@@ -131,6 +134,7 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._rng = rng or random.Random()
+        self.discovery: KubernetesDiscovery | None = None
         self.kv_indexes: dict[str, KvIndex] = {}
         self.kv_subscriptions: dict[str, tuple[KvSubscription, asyncio.Task[None]]] = {}
         self.admission = Admission(
@@ -152,12 +156,39 @@ class Router:
                 self.submit_add_worker(url, WorkerType.PREFILL, bootstrap_port=port)
             for url in self.config.decode:
                 self.submit_add_worker(url, WorkerType.DECODE)
+        if self.config.service_discovery:
+            self.discovery = self._make_discovery(self._kube_api)
+            self.discovery.start()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
         self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="router-evict"))
         if not self.config.disable_load_monitoring:
             self._tasks.append(asyncio.create_task(self._load_loop(), name="router-loads"))
 
+    def _make_discovery(self, api: object = None) -> KubernetesDiscovery:
+        cfg = self.config
+        groups = [PodReconciler(parse_selector(sel), kind, cfg.service_discovery_port,
+                                cfg.bootstrap_port_annotation)
+                  for sel, kind in ((cfg.selector, WorkerType.REGULAR),
+                                    (cfg.prefill_selector, WorkerType.PREFILL),
+                                    (cfg.decode_selector, WorkerType.DECODE)) if sel]
+        return KubernetesDiscovery(groups, cfg.service_discovery_namespace,
+                                   self.apply_discovery, cfg.service_discovery_relist_secs, api)
+
+    def apply_discovery(self, actions: list[DiscoveryAction]) -> None:
+        """Discovery decisions become the same add/remove jobs as the admin API's."""
+        for action in actions:
+            if action.remove:
+                # Queued even if not registered yet: jobs run in order, so a pending add of
+                # the same url is undone rather than left behind.
+                self.submit_remove_worker(action.remove)
+            if action.add is not None:
+                target = action.add
+                self.submit_add_worker(target.url, target.worker_type, dict(target.labels),
+                                       bootstrap_port=target.bootstrap_port)
+
     async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
