@@ -55,7 +55,9 @@ class RouterConfig(ServiceConfig):
     service_name: ClassVar[str] = "router"
 
     worker_urls: list[str] = option([], help="Workers to register at start-up (grpc://host:port).")
-    policy: str = option("round_robin", help="Load-balancing policy.",
+    policy: str = option("cache_aware", help="Load-balancing policy (SMG's default: "
+                                             "cache_aware; precise when workers publish KV "
+                                             "events, else approximate).",
                          metadata={"choices": POLICY_NAMES})
     service_discovery: bool = option(
         False, help="Find workers as Kubernetes pods (label selectors; in-cluster config or "

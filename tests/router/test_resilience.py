@@ -264,10 +264,27 @@ async def test_unhealthy_workers_stay_without_the_flag() -> None:
 
 
 async def test_load_monitor_reads_get_loads() -> None:
-    async with sim_fleet(sim_config()) as (w,), running_router([w]) as router:
+    async with sim_fleet(sim_config()) as (w,), \
+            running_router([w], policy="round_robin") as router:
         await generate(router, gen(range(5, 40), "l"))
         await router.poll_loads()
         worker = router.registry.get(url(w))
         assert worker is not None and worker.engine_load is not None
         assert worker.engine_load.source == "poll"
         assert worker.engine_load.running_requests == 0
+
+
+async def test_loads_pushed_on_the_kv_event_stream_replace_polling() -> None:
+    async with sim_fleet(sim_config()) as (w,), \
+            running_router([w], policy="cache_aware") as router:
+        await generate(router, gen(range(5, 40), "l"))
+        worker = router.registry.get(url(w))
+        assert worker is not None
+        for _ in range(200):
+            if worker.engine_load is not None and worker.engine_load.source == "events":
+                break
+            await asyncio.sleep(0.01)
+        pushed = worker.engine_load
+        assert pushed is not None and pushed.source == "events"
+        await router.poll_loads()
+        assert worker.engine_load is pushed or worker.engine_load.source == "events"
