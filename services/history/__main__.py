@@ -10,6 +10,7 @@ from datetime import timedelta
 from services.common.grpc_server import GrpcServer, wait_for_shutdown
 from services.common.service import main_for
 from services.history import metrics
+from services.history.backends import Repository, open_repository
 from services.history.config import HistoryConfig
 from services.history.domain import HistoryError, utcnow
 from services.history.health import DatabaseProbe
@@ -44,7 +45,7 @@ async def migrate_until_ready(repo: HistoryRepository, servicer: HistoryServicer
     log.info("history database %s ready", _redact(repo.url))
 
 
-async def purge_forever(repo: HistoryRepository, servicer: HistoryServicer,
+async def purge_forever(repo: Repository, servicer: HistoryServicer,
                         max_age: float) -> None:
     """Deletes responses older than ``max_age`` seconds, periodically."""
     interval = min(max(max_age / 4, 1.0), 300.0)
@@ -61,26 +62,40 @@ async def purge_forever(repo: HistoryRepository, servicer: HistoryServicer,
 
 
 async def serve(config: HistoryConfig) -> None:
-    repo = HistoryRepository(config.history_db, pool_size=config.pool_size,
-                             op_timeout=config.op_timeout, max_item_bytes=config.max_item_bytes)
+    repo = open_repository(config)
     server = GrpcServer(config)
+    tasks: list[asyncio.Task[None]] = []
+    if isinstance(repo, HistoryRepository):
+        # SQL only: migrations before SERVING, a database probe, pool gauges.
+        sql = repo
 
-    async def database_changed(up: bool) -> None:
-        metrics.DATABASE_UP.set(1 if up else 0)
-        await server.set_serving(up)
+        async def database_changed(up: bool) -> None:
+            metrics.DATABASE_UP.set(1 if up else 0)
+            await server.set_serving(up)
 
-    probe = DatabaseProbe(repo.ping, database_changed, config.probe_interval)
-    servicer = HistoryServicer(repo, on_unavailable=probe.poke)
-    server.add_service(add_to_server, servicer, SERVICE_NAME)
-    metrics.DATABASE_UP.set(0)
-    metrics.watch_pool(repo.pool_in_use, config.pool_size)
-    await server.start()
+        probe = DatabaseProbe(sql.ping, database_changed, config.probe_interval)
+        servicer = HistoryServicer(repo, on_unavailable=probe.poke)
+        server.add_service(add_to_server, servicer, SERVICE_NAME)
+        metrics.DATABASE_UP.set(0)
+        metrics.watch_pool(sql.pool_in_use, config.pool_size)
+        await server.start()
 
-    async def start_up() -> None:
-        await migrate_until_ready(repo, servicer, server)
-        await probe.run()
+        async def start_up() -> None:
+            await migrate_until_ready(sql, servicer, server)
+            await probe.run()
 
-    tasks = [asyncio.create_task(start_up())]
+        tasks.append(asyncio.create_task(start_up()))
+    else:
+        # memory / none: nothing to migrate or probe; serving at once.
+        servicer = HistoryServicer(repo)
+        servicer.ready = True
+        server.add_service(add_to_server, servicer, SERVICE_NAME)
+        metrics.DATABASE_UP.set(1)
+        await server.start()
+        await server.set_serving(True)
+        log.info("history backend %s: %s", repo.backend,
+                 "kept in memory, lost on restart" if repo.backend == "memory"
+                 else "nothing is stored")
     if config.response_max_age > 0:
         tasks.append(asyncio.create_task(purge_forever(repo, servicer, config.response_max_age)))
     try:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -39,6 +40,17 @@ class NotFound(HistoryError):
         super().__init__(f"{what} {ident!r} not found")
         self.what = what
         self.ident = ident
+
+
+class NotStored(NotFound):
+    """The id cannot exist: this backend stores nothing (``--history-backend none``)."""
+
+    def __init__(self, what: str, ident: str, backend: str = "none") -> None:
+        super().__init__(what, ident)
+        self.backend = backend
+        self.args = (f"{what} {ident!r} not found: the history backend is {backend!r} and "
+                     "stores nothing (run the history service with --history-backend sql or "
+                     "memory to keep conversations and responses)",)
 
 
 class InvalidInput(HistoryError):
@@ -135,6 +147,12 @@ ITEM_ID_PREFIXES = {
 def new_id(prefix: str) -> str:
     """``prefix_`` + 48 random hex digits."""
     return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def derived_id(prefix: str, *parts: str) -> str:
+    """A stable id: ``prefix_`` + 48 hex digits of a hash of ``parts`` (retries get the same)."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+    return f"{prefix}_{digest[:48]}"
 
 
 def utcnow() -> datetime:
@@ -241,10 +259,11 @@ def _check_string_fields(data: Mapping[str, Any], field_name: str, *names: str,
                                f"{field_name}.data.{name} must be a non-empty string")
 
 
-def normalize_item(item: Item, field_name: str,
-                   max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> Item:
+def normalize_item(item: Item, field_name: str, max_bytes: int = DEFAULT_MAX_ITEM_BYTES,
+                   make_id: Callable[[str], str] = new_id) -> Item:
     """Validates an item and fills id, type, role and status from ``data`` (and back),
-    assigning an id when missing. Raises :class:`InvalidInput` naming the field."""
+    assigning an id (``make_id(prefix)``) when missing. Raises :class:`InvalidInput` naming
+    the field."""
     data = dict(item.data or {})
     if not (item.id or item.type or item.role or item.status or data):
         raise InvalidInput(field_name, f"{field_name} is empty; an item needs a type and data")
@@ -261,7 +280,7 @@ def normalize_item(item: Item, field_name: str,
                            "(lower-case letters, digits and '_', at most 64)")
     item_id = item.id or str(data.get("id") or "")
     if not item_id:
-        item_id = new_id(ITEM_ID_PREFIXES.get(item_type, "item"))
+        item_id = make_id(ITEM_ID_PREFIXES.get(item_type, "item"))
     if len(item_id) > MAX_ID_LENGTH:
         raise InvalidInput(f"{field_name}.id", f"{field_name}.id is longer than {MAX_ID_LENGTH}")
     if not item_id.isprintable() or " " in item_id:
@@ -297,7 +316,16 @@ def normalize_item(item: Item, field_name: str,
 
 
 def normalize_items(items: list[Item], field_name: str, limit: int,
-                    max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> list[Item]:
+                    max_bytes: int = DEFAULT_MAX_ITEM_BYTES,
+                    make_id: Callable[[str, int], str] | None = None) -> list[Item]:
+    """Validates a list of items; ``make_id(prefix, index)`` names the items without an id
+    (random ids when None)."""
     if len(items) > limit:
         raise InvalidInput(field_name, f"{field_name} has {len(items)} entries; at most {limit}")
-    return [normalize_item(it, f"{field_name}[{i}]", max_bytes) for i, it in enumerate(items)]
+    def ids(index: int) -> Callable[[str], str]:
+        if make_id is None:
+            return new_id
+        return lambda prefix: make_id(prefix, index)
+
+    return [normalize_item(it, f"{field_name}[{i}]", max_bytes, ids(i))
+            for i, it in enumerate(items)]

@@ -4,12 +4,18 @@
 (ok, not_found, invalid_argument, already_exists, unavailable, error);
 ``sglmesh_history_operation_duration_seconds{operation}``: their latency, database time
 included; ``sglmesh_history_pool_connections_in_use`` / ``..._pool_size``: the connection
-pool; ``sglmesh_history_database_up``: the background probe's last answer (1 or 0).
+pool; ``sglmesh_history_database_up``: the background probe's last answer (1 or 0; always 1
+for the memory and none backends); ``sglmesh_history_memory_evictions_total{kind,reason}``:
+what the memory backend dropped to stay within its bounds (reason: conversations, responses,
+items, age).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -39,6 +45,12 @@ DATABASE_UP = Gauge(
     "1 while the background probe reaches the database, 0 while it does not.",
 )
 
+EVICTIONS = Counter(
+    "sglmesh_history_memory_evictions_total",
+    "Conversations and responses the memory backend dropped to stay within its bounds.",
+    ["kind", "reason"],
+)
+
 
 def outcome(exc: BaseException | None) -> str:
     """The ``outcome`` label of an operation that raised ``exc`` (None: it succeeded)."""
@@ -58,6 +70,29 @@ def outcome(exc: BaseException | None) -> str:
 def record(operation: str, seconds: float, exc: BaseException | None) -> None:
     OPERATIONS.labels(operation, outcome(exc)).inc()
     OPERATION_LATENCY.labels(operation).observe(seconds)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def observed(method: F) -> F:
+    """Counts a repository operation by outcome and times it (validation failures included);
+    every backend's operations are wrapped with it."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await method(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            record(name, time.perf_counter() - start, error)
+
+    return cast(F, wrapper)
 
 
 def watch_pool(in_use: Callable[[], float], size: int) -> None:

@@ -9,24 +9,20 @@ failures leave this module as :class:`StorageUnavailable`, missing or foreign ro
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Select, delete, func, literal_column, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.history import metrics
+from services.history import checks
+from services.history.backends import SQL
 from services.history.db import WRITE_OPTION, make_engine, run_migrations
 from services.history.domain import (
     DEFAULT_MAX_ITEM_BYTES,
-    MAX_CHAIN_DEPTH,
-    MAX_ITEMS_PER_CALL,
-    MAX_ITEMS_PER_RESPONSE,
     AlreadyExists,
     Conversation,
     HistoryError,
@@ -40,13 +36,10 @@ from services.history.domain import (
     StoredResponse,
     as_utc,
     new_id,
-    normalize_items,
     require,
     utcnow,
-    validate_metadata,
-    validate_page_size,
-    validate_page_token,
 )
+from services.history.metrics import observed
 from services.history.models import (
     ConversationItemRow,
     ConversationRow,
@@ -59,7 +52,6 @@ from services.history.models import (
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 Op = Callable[[AsyncSession], Awaitable[R]]
 
 KIND_CONVERSATION = "conversation"
@@ -78,33 +70,11 @@ def _conversation(row: ConversationRow) -> Conversation:
                         created_at=as_utc(row.created_at))
 
 
-def observed(method: F) -> F:
-    """Counts the operation by outcome and times it (validation failures included)."""
-    name = method.__name__
-
-    @functools.wraps(method)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            return await method(*args, **kwargs)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            metrics.record(name, time.perf_counter() - start, error)
-
-    return cast(F, wrapper)
-
-
-def _check_request_id(request_id: str) -> str:
-    if len(request_id) > 256:
-        raise InvalidInput("request_id", "request_id is longer than 256 characters")
-    return request_id
-
-
 class HistoryRepository:
-    """Conversations, items and stored responses in one SQL database."""
+    """Conversations, items and stored responses in one SQL database (``--history-backend
+    sql``); implements :class:`services.history.backends.Repository`."""
+
+    backend = SQL
 
     def __init__(self, url: str, *, pool_size: int = 5, op_timeout: float = 5.0,
                  max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> None:
@@ -144,9 +114,6 @@ class HistoryRepository:
         """Connections checked out of the pool right now."""
         checkedout = getattr(self.engine.pool, "checkedout", None)
         return int(checkedout()) if callable(checkedout) else 0
-
-    def _items(self, items: Sequence[Item], field_name: str, limit: int) -> list[Item]:
-        return normalize_items(list(items), field_name, limit, self.max_item_bytes)
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -279,8 +246,7 @@ class HistoryRepository:
             if row.pk in linked:
                 if skip_linked:
                     continue
-                raise InvalidInput("items", f"item {row.id!r} is already in conversation "
-                                            f"{conversation.id!r}")
+                raise checks.already_in_conversation_error(row.id, conversation.id)
             linked.add(row.pk)
             position += 1
             s.add(ConversationItemRow(conversation_pk=conversation.pk, position=position,
@@ -332,7 +298,7 @@ class HistoryRepository:
                 select(link.position).join(ItemRow, link.item_pk == ItemRow.pk)
                 .where(owner, ItemRow.id == page_token))).scalar()
             if anchor is None:
-                raise InvalidInput("page_token", f"page_token {page_token!r} names no item here")
+                raise checks.unknown_item_token_error(page_token)
             stmt = stmt.where(link.position > anchor if order is SortOrder.ASC
                               else link.position < anchor)
         stmt = stmt.order_by(link.position.asc() if order is SortOrder.ASC
@@ -348,9 +314,8 @@ class HistoryRepository:
     async def create_conversation(self, tenant: str, metadata: dict[str, str] | None = None,
                                   items: Sequence[Item] = (), request_id: str = ""
                                   ) -> tuple[Conversation, list[Item]]:
-        meta = validate_metadata(metadata)
-        new_items = self._items(items, "items", MAX_ITEMS_PER_CALL)
-        _check_request_id(request_id)
+        meta, new_items = checks.create_conversation(metadata, items, request_id,
+                                                     self.max_item_bytes)
 
         async def op(s: AsyncSession) -> tuple[Conversation, list[Item]]:
             key = await self._idempotency(s, tenant, KIND_CONVERSATION, request_id)
@@ -382,8 +347,7 @@ class HistoryRepository:
     @observed
     async def update_conversation(self, tenant: str, conversation_id: str,
                                   metadata: dict[str, str]) -> Conversation:
-        require(conversation_id, "conversation.id")
-        meta = validate_metadata(metadata)
+        meta = checks.update_conversation(conversation_id, metadata)
 
         async def op(s: AsyncSession) -> Conversation:
             row = await self._conversation_row(s, tenant, conversation_id, lock=True)
@@ -411,8 +375,7 @@ class HistoryRepository:
     @observed
     async def list_conversations(self, tenant: str, page_size: int = 0,
                                  page_token: str = "") -> Page[Conversation]:
-        size = validate_page_size(page_size)
-        validate_page_token(page_token)
+        size = checks.listing(page_size, page_token)
 
         async def op(s: AsyncSession) -> Page[Conversation]:
             stmt = select(ConversationRow).where(ConversationRow.tenant == tenant)
@@ -420,8 +383,7 @@ class HistoryRepository:
                 anchor = (await s.execute(select(ConversationRow.pk).where(
                     ConversationRow.tenant == tenant, ConversationRow.id == page_token))).scalar()
                 if anchor is None:
-                    raise InvalidInput("page_token",
-                                       f"page_token {page_token!r} names no conversation")
+                    raise checks.unknown_conversation_token_error(page_token)
                 stmt = stmt.where(ConversationRow.pk < anchor)
             rows = list((await s.execute(
                 stmt.order_by(ConversationRow.pk.desc()).limit(size + 1))).scalars())
@@ -437,11 +399,8 @@ class HistoryRepository:
     async def create_conversation_items(self, tenant: str, conversation_id: str,
                                         items: Sequence[Item], request_id: str = ""
                                         ) -> list[Item]:
-        require(conversation_id, "conversation_id")
-        new_items = self._items(items, "items", MAX_ITEMS_PER_CALL)
-        if not new_items:
-            raise InvalidInput("items", "items must not be empty")
-        _check_request_id(request_id)
+        new_items = checks.create_items(conversation_id, items, request_id,
+                                        self.max_item_bytes)
 
         async def op(s: AsyncSession) -> list[Item]:
             conversation = await self._conversation_row(s, tenant, conversation_id, lock=True)
@@ -449,7 +408,7 @@ class HistoryRepository:
             if key is not None and key.result_id == conversation_id:
                 return await self._items_by_ids(s, tenant, key.result_items or [])
             if key is not None:
-                raise InvalidInput("request_id", "request_id was used for another conversation")
+                raise checks.request_id_reused_error()
             rows = await self._store_items(s, tenant, new_items)
             await self._append(s, conversation, rows, skip_linked=False)
             self._remember(s, tenant, KIND_ITEMS, request_id, conversation_id,
@@ -463,8 +422,7 @@ class HistoryRepository:
                                       page_size: int = 0, page_token: str = "",
                                       order: SortOrder = SortOrder.ASC) -> Page[Item]:
         require(conversation_id, "conversation_id")
-        size = validate_page_size(page_size)
-        validate_page_token(page_token)
+        size = checks.listing(page_size, page_token)
 
         async def op(s: AsyncSession) -> Page[Item]:
             row = await self._conversation_row(s, tenant, conversation_id)
@@ -477,8 +435,7 @@ class HistoryRepository:
     @observed
     async def get_conversation_item(self, tenant: str, conversation_id: str,
                                     item_id: str) -> Item:
-        require(conversation_id, "conversation_id")
-        require(item_id, "item_id")
+        checks.item_ref(conversation_id, item_id)
 
         async def op(s: AsyncSession) -> Item:
             row = await self._conversation_row(s, tenant, conversation_id)
@@ -495,8 +452,7 @@ class HistoryRepository:
     @observed
     async def delete_conversation_item(self, tenant: str, conversation_id: str,
                                        item_id: str) -> Conversation:
-        require(conversation_id, "conversation_id")
-        require(item_id, "item_id")
+        checks.item_ref(conversation_id, item_id)
 
         async def op(s: AsyncSession) -> Conversation:
             row = await self._conversation_row(s, tenant, conversation_id, lock=True)
@@ -521,21 +477,10 @@ class HistoryRepository:
     async def create_response(self, tenant: str, response: StoredResponse,
                               append_to_conversation: bool = False,
                               request_id: str = "") -> StoredResponse:
-        meta = validate_metadata(response.metadata, "response.metadata")
-        response_id = response.id or new_id("resp")
-        require(response_id, "response.id")
-        if response.previous_response_id:
-            require(response.previous_response_id, "response.previous_response_id")
-        if response.conversation_id:
-            require(response.conversation_id, "response.conversation_id")
-        elif append_to_conversation:
-            raise InvalidInput("append_to_conversation",
-                               "append_to_conversation needs response.conversation_id")
-        inputs = self._items(response.input_items, "response.input_items",
-                             MAX_ITEMS_PER_RESPONSE)
-        outputs = self._items(response.output_items, "response.output_items",
-                              MAX_ITEMS_PER_RESPONSE)
-        _check_request_id(request_id)
+        new = checks.create_response(response, append_to_conversation, request_id,
+                                     self.max_item_bytes)
+        response_id, meta, inputs, outputs = (new.id, new.metadata, new.input_items,
+                                              new.output_items)
 
         async def op(s: AsyncSession) -> StoredResponse:
             key = await self._idempotency(s, tenant, KIND_RESPONSE, request_id)
@@ -593,14 +538,7 @@ class HistoryRepository:
     @observed
     async def update_response(self, tenant: str, response_id: str,
                               update: ResponseUpdate) -> StoredResponse:
-        require(response_id, "response.id")
-        meta = (validate_metadata(update.metadata, "response.metadata")
-                if update.metadata is not None else None)
-        outputs = (self._items(update.output_items, "response.output_items",
-                               MAX_ITEMS_PER_RESPONSE)
-                   if update.output_items is not None else None)
-        if update.status is not None and len(update.status) > 32:
-            raise InvalidInput("response.status", "response.status is longer than 32")
+        meta, outputs = checks.update_response(response_id, update, self.max_item_bytes)
 
         async def op(s: AsyncSession) -> StoredResponse:
             row = await self._response_row(s, tenant, response_id, lock=True)
@@ -666,8 +604,7 @@ class HistoryRepository:
                                         page_size: int = 0, page_token: str = "",
                                         order: SortOrder = SortOrder.ASC) -> Page[Item]:
         require(response_id, "response_id")
-        size = validate_page_size(page_size)
-        validate_page_token(page_token)
+        size = checks.listing(page_size, page_token)
 
         async def op(s: AsyncSession) -> Page[Item]:
             row = await self._response_row(s, tenant, response_id)
@@ -681,10 +618,7 @@ class HistoryRepository:
                                  max_depth: int = 0) -> list[StoredResponse]:
         """The chain ending at ``response_id``, oldest first: one recursive query walks
         previous_response_id, one more loads every response's items."""
-        require(response_id, "response_id")
-        if max_depth < 0:
-            raise InvalidInput("max_depth", "max_depth must be >= 0")
-        limit = min(max_depth, MAX_CHAIN_DEPTH) if max_depth else MAX_CHAIN_DEPTH
+        limit = checks.chain_limit(response_id, max_depth)
 
         async def op(s: AsyncSession) -> list[StoredResponse]:
             table = ResponseRow.__table__

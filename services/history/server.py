@@ -14,7 +14,7 @@ from sglmesh.history.v1 import history_pb2_grpc
 
 from services.common.errors import ErrorCode, ServiceError, invalid_argument, not_found
 from services.history import domain
-from services.history.repository import HistoryRepository
+from services.history.backends import Repository
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HistoryService"].full_name
 CONVERSATION_MASK = {"metadata"}
@@ -25,6 +25,9 @@ Resp = TypeVar("Resp")
 
 
 def to_service_error(exc: domain.HistoryError) -> ServiceError:
+    if isinstance(exc, domain.NotStored):
+        return ServiceError(ErrorCode.NOT_FOUND, "HISTORY_DISABLED", str(exc),
+                            {exc.what: exc.ident, "backend": exc.backend})
     if isinstance(exc, domain.NotFound):
         return not_found(exc.what, exc.ident)
     if isinstance(exc, domain.InvalidInput):
@@ -125,9 +128,9 @@ def mask_paths(mask: field_mask_pb2.FieldMask, allowed: set[str]) -> set[str]:
 # ---- servicer --------------------------------------------------------------------------------
 
 class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
-    """Maps each RPC onto :class:`HistoryRepository`."""
+    """Maps each RPC onto a :class:`~services.history.backends.Repository` (any backend)."""
 
-    def __init__(self, repo: HistoryRepository,
+    def __init__(self, repo: Repository,
                  on_unavailable: Callable[[], None] = lambda: None) -> None:
         self.repo = repo
         self.ready = False

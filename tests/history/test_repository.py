@@ -1,4 +1,5 @@
-"""HistoryRepository against real SQLite and PostgreSQL databases (no mocks)."""
+"""The repository contract, run against every storing backend (real SQLite, real PostgreSQL,
+memory; no mocks), plus the SQL-only schema, migration and outage tests."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import inspect
 
 from services.common.net import free_port
+from services.history.backends import Repository
 from services.history.db import VERSION_TABLE, current_revision, make_engine, run_migrations
 from services.history.domain import (
     AlreadyExists,
@@ -22,10 +24,10 @@ from services.history.domain import (
     StoredResponse,
     utcnow,
 )
-from services.history.models import Base, ItemRow
+from services.history.models import Base
 from services.history.repository import HistoryRepository
 
-from .conftest import fresh_pg_database
+from .conftest import count_items, fresh_pg_database
 
 
 def msg(text: str, role: str = "user", item_id: str = "") -> Item:
@@ -37,13 +39,7 @@ def texts(items: list[Item]) -> list[str]:
     return [i.data["content"][0]["text"] for i in items]
 
 
-async def count_items(repo: HistoryRepository, tenant: str) -> int:
-    async with repo.engine.connect() as conn:
-        return (await conn.execute(
-            select(func.count()).select_from(ItemRow).where(ItemRow.tenant == tenant))).scalar()
-
-
-async def test_conversation_crud(repo: HistoryRepository, tenant: str) -> None:
+async def test_conversation_crud(repo: Repository, tenant: str) -> None:
     conv, items = await repo.create_conversation(
         tenant, {"topic": "demo"}, [msg("hi"), msg("hello", role="assistant")])
     assert conv.id.startswith("conv_") and conv.metadata == {"topic": "demo"}
@@ -90,7 +86,7 @@ async def test_conversation_crud(repo: HistoryRepository, tenant: str) -> None:
     assert await count_items(repo, tenant) == 0  # no orphaned items left behind
 
 
-async def test_item_ordering_and_pagination(repo: HistoryRepository, tenant: str) -> None:
+async def test_item_ordering_and_pagination(repo: Repository, tenant: str) -> None:
     conv, first = await repo.create_conversation(tenant, items=[msg(f"m{i}") for i in range(20)])
     more = await repo.create_conversation_items(tenant, conv.id,
                                                 [msg(f"m{i}") for i in range(20, 25)])
@@ -136,7 +132,7 @@ async def test_item_ordering_and_pagination(repo: HistoryRepository, tenant: str
     assert err.value.field == "items"
 
 
-async def test_list_conversations_newest_first(repo: HistoryRepository, tenant: str) -> None:
+async def test_list_conversations_newest_first(repo: Repository, tenant: str) -> None:
     ids = [(await repo.create_conversation(tenant, {"n": str(i)}))[0].id for i in range(5)]
     page = await repo.list_conversations(tenant, page_size=2)
     assert [c.id for c in page.items] == ids[::-1][:2]
@@ -146,7 +142,7 @@ async def test_list_conversations_newest_first(repo: HistoryRepository, tenant: 
     assert [c.id for c in page3.items] == ids[:1] and page3.next_page_token == ""
 
 
-async def test_tenant_isolation(repo: HistoryRepository, tenant: str) -> None:
+async def test_tenant_isolation(repo: Repository, tenant: str) -> None:
     other = tenant + "-other"
     conv, items = await repo.create_conversation(tenant, {"a": "b"}, [msg("secret")])
     resp = await repo.create_response(tenant, StoredResponse(model="m", status="completed",
@@ -181,7 +177,7 @@ async def test_tenant_isolation(repo: HistoryRepository, tenant: str) -> None:
     assert (await repo.get_response(tenant, resp.id)).status == "completed"
 
 
-async def test_idempotent_retries(repo: HistoryRepository, tenant: str) -> None:
+async def test_idempotent_retries(repo: Repository, tenant: str) -> None:
     conv1, items1 = await repo.create_conversation(tenant, {"x": "1"}, [msg("a")], request_id="r1")
     conv2, items2 = await repo.create_conversation(tenant, {"x": "1"}, [msg("a")], request_id="r1")
     assert conv1.id == conv2.id and [i.id for i in items1] == [i.id for i in items2]
@@ -212,7 +208,7 @@ async def test_idempotent_retries(repo: HistoryRepository, tenant: str) -> None:
         await repo.create_response(tenant, StoredResponse(id=r1.id, model="m"))
 
 
-async def test_metadata_limits(repo: HistoryRepository, tenant: str) -> None:
+async def test_metadata_limits(repo: Repository, tenant: str) -> None:
     ok = {f"k{i}": "v" * 512 for i in range(16)}
     ok["k0"] = "x"
     ok["k" * 64] = ok.pop("k15")
@@ -239,7 +235,7 @@ async def test_metadata_limits(repo: HistoryRepository, tenant: str) -> None:
     assert err.value.field == "items"
 
 
-async def test_failed_write_leaves_nothing(repo: HistoryRepository, tenant: str) -> None:
+async def test_failed_write_leaves_nothing(repo: Repository, tenant: str) -> None:
     # The second item repeats the first one's id: the whole create is rejected.
     with pytest.raises(InvalidInput):
         await repo.create_conversation(tenant, items=[msg("a", item_id="msg_same"),
@@ -248,7 +244,7 @@ async def test_failed_write_leaves_nothing(repo: HistoryRepository, tenant: str)
     assert await count_items(repo, tenant) == 0
 
 
-async def test_responses_and_chain(repo: HistoryRepository, tenant: str) -> None:
+async def test_responses_and_chain(repo: Repository, tenant: str) -> None:
     r1 = await repo.create_response(tenant, StoredResponse(
         model="m", status="completed", instructions="be brief",
         input_items=[msg("q1")], output_items=[msg("a1", role="assistant")],
@@ -306,7 +302,7 @@ async def test_responses_and_chain(repo: HistoryRepository, tenant: str) -> None
     assert await count_items(repo, tenant) == 0
 
 
-async def test_append_to_conversation(repo: HistoryRepository, tenant: str) -> None:
+async def test_append_to_conversation(repo: Repository, tenant: str) -> None:
     conv, seed = await repo.create_conversation(tenant, items=[msg("system note", "system")])
     with pytest.raises(InvalidInput) as err:
         await repo.create_response(tenant, StoredResponse(), append_to_conversation=True)
@@ -329,7 +325,7 @@ async def test_append_to_conversation(repo: HistoryRepository, tenant: str) -> N
     assert await count_items(repo, tenant) == 0
 
 
-async def test_delete_conversation_keeps_response_items(repo: HistoryRepository,
+async def test_delete_conversation_keeps_response_items(repo: Repository,
                                                         tenant: str) -> None:
     conv, _ = await repo.create_conversation(tenant)
     r = await repo.create_response(tenant, StoredResponse(
@@ -341,7 +337,7 @@ async def test_delete_conversation_keeps_response_items(repo: HistoryRepository,
     assert await count_items(repo, tenant) == 2
 
 
-async def test_purge_old_responses(repo: HistoryRepository, tenant: str) -> None:
+async def test_purge_old_responses(repo: Repository, tenant: str) -> None:
     old = await repo.create_response(tenant, StoredResponse(input_items=[msg("old")]),
                                      request_id="old")
     cutoff = utcnow() + timedelta(milliseconds=1)
@@ -354,7 +350,7 @@ async def test_purge_old_responses(repo: HistoryRepository, tenant: str) -> None
     assert await count_items(repo, tenant) == 1
 
 
-async def test_schema_matches_models(repo: HistoryRepository) -> None:
+async def test_schema_matches_models(sql_repo: HistoryRepository) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
@@ -362,7 +358,7 @@ async def test_schema_matches_models(repo: HistoryRepository) -> None:
         ctx = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
         return compare_metadata(ctx, Base.metadata)
 
-    async with repo.engine.connect() as conn:
+    async with sql_repo.engine.connect() as conn:
         assert await conn.run_sync(diff) == []
 
 

@@ -15,7 +15,8 @@ from services.history.domain import (
     normalize_item,
     validate_page_token,
 )
-from services.history.repository import HistoryRepository
+
+from .conftest import OpenRepo
 
 
 def msg(text: str = "hi", role: str = "user", **extra: Any) -> Item:
@@ -90,36 +91,33 @@ def test_page_token_shape() -> None:
         assert err.value.field == "page_token"
 
 
-async def test_repository_rejects_and_writes_nothing(db_url: str, tenant: str) -> None:
-    repo = HistoryRepository(db_url, pool_size=2, op_timeout=10.0, max_item_bytes=4096)
-    await repo.migrate()
-    try:
-        with pytest.raises(InvalidInput) as err:
-            await repo.create_conversation(tenant, items=[msg(), msg("y" * 5000)])
-        assert err.value.field == "items[1].data"
-        with pytest.raises(InvalidInput) as err:
-            await repo.create_conversation(tenant, items=[msg(), Item()])
-        assert err.value.field == "items[1]"
-        assert (await repo.list_conversations(tenant)).items == []
+async def test_repository_rejects_and_writes_nothing(open_repo: OpenRepo, tenant: str) -> None:
+    """Every storing backend (sql-sqlite, sql-postgres, memory) rejects and writes nothing."""
+    repo = await open_repo(max_item_bytes=4096)
+    with pytest.raises(InvalidInput) as err:
+        await repo.create_conversation(tenant, items=[msg(), msg("y" * 5000)])
+    assert err.value.field == "items[1].data"
+    with pytest.raises(InvalidInput) as err:
+        await repo.create_conversation(tenant, items=[msg(), Item()])
+    assert err.value.field == "items[1]"
+    assert (await repo.list_conversations(tenant)).items == []
 
-        conv, _ = await repo.create_conversation(tenant, items=[msg("first")])
-        with pytest.raises(InvalidInput) as err:
-            await repo.create_conversation_items(tenant, conv.id,
-                                                 [msg(), Item(type="message", role="user")])
-        assert err.value.field == "items[1].data.content"
-        with pytest.raises(InvalidInput) as err:
-            await repo.create_response(tenant, StoredResponse(
-                model="m", input_items=[msg()], output_items=[msg("z" * 5000, "assistant")]))
-        assert err.value.field == "response.output_items[0].data"
-        assert len((await repo.list_conversation_items(tenant, conv.id)).items) == 1
+    conv, _ = await repo.create_conversation(tenant, items=[msg("first")])
+    with pytest.raises(InvalidInput) as err:
+        await repo.create_conversation_items(tenant, conv.id,
+                                             [msg(), Item(type="message", role="user")])
+    assert err.value.field == "items[1].data.content"
+    with pytest.raises(InvalidInput) as err:
+        await repo.create_response(tenant, StoredResponse(
+            model="m", input_items=[msg()], output_items=[msg("z" * 5000, "assistant")]))
+    assert err.value.field == "response.output_items[0].data"
+    assert len((await repo.list_conversation_items(tenant, conv.id)).items) == 1
 
-        for call in (
-            lambda: repo.list_conversation_items(tenant, conv.id, page_token="t" * 200),
-            lambda: repo.list_conversations(tenant, page_token="conv_\x01"),
-            lambda: repo.list_conversations(tenant, page_token="conv_nope"),
-        ):
-            with pytest.raises(InvalidInput) as err:
-                await call()
-            assert err.value.field == "page_token"
-    finally:
-        await repo.close()
+    for call in (
+        lambda: repo.list_conversation_items(tenant, conv.id, page_token="t" * 200),
+        lambda: repo.list_conversations(tenant, page_token="conv_\x01"),
+        lambda: repo.list_conversations(tenant, page_token="conv_nope"),
+    ):
+        with pytest.raises(InvalidInput) as err:
+            await call()
+        assert err.value.field == "page_token"
