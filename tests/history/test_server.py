@@ -1,4 +1,8 @@
-"""The history service as a real process (python -m services.history) over gRPC."""
+"""The history service as a real process (python -m services.history) over gRPC.
+
+The round-trip and error tests run against ``--history-backend sql`` and ``memory`` alike;
+``none`` has its own test (everything answers, nothing is stored).
+"""
 
 from __future__ import annotations
 
@@ -39,10 +43,12 @@ def db_file(tmp_path: Path) -> Path:
     return tmp_path / "history.db"
 
 
-@pytest.fixture
-def history(db_file: Path) -> Iterator[ServiceProcess]:
-    with ServiceProcess("history", ["--history-db", f"sqlite+aiosqlite:///{db_file}"],
-                        ready_timeout=60) as proc:
+@pytest.fixture(params=["sql", "memory"])
+def history(request: pytest.FixtureRequest, db_file: Path) -> Iterator[ServiceProcess]:
+    args = ["--history-backend", request.param]
+    if request.param == "sql":
+        args += ["--history-db", f"sqlite+aiosqlite:///{db_file}"]
+    with ServiceProcess("history", args, ready_timeout=60) as proc:
         yield proc
 
 
@@ -206,8 +212,10 @@ def test_unreachable_database_is_unavailable_not_a_hang() -> None:
             channel.close()
 
 
-def test_retention_purges_old_responses(db_file: Path) -> None:
-    args = ["--history-db", f"sqlite+aiosqlite:///{db_file}", "--response-max-age", "1"]
+@pytest.mark.parametrize("backend", ["sql", "memory"])
+def test_retention_purges_old_responses(db_file: Path, backend: str) -> None:
+    args = ["--history-backend", backend, "--history-db", f"sqlite+aiosqlite:///{db_file}",
+            "--response-max-age", "1"]
     with ServiceProcess("history", args, ready_timeout=60) as proc:
         channel, stub = stub_for(proc)
         try:
@@ -322,3 +330,100 @@ def test_item_limits_page_tokens_and_metrics(db_file: Path) -> None:
     assert _metric(text, "sglmesh_history_pool_connections_in_use") == 0
     assert _metric(text, "sglmesh_history_pool_size") == 5
     assert _metric(text, "sglmesh_history_database_up") == 1
+
+
+def test_memory_backend_process(tmp_path: Path) -> None:
+    """``--history-backend memory``: SERVING at once, no database file, bounds from flags,
+    and everything gone after a restart."""
+    metrics_port = free_port()
+    args = ["--history-backend", "memory", "--memory-max-conversations", "2",
+            "--history-db", f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}",
+            "--metrics-port", str(metrics_port)]
+    with ServiceProcess("history", args, ready_timeout=60) as proc:
+        channel, stub = stub_for(proc)
+        try:
+            ids = [stub.CreateConversation(pb.CreateConversationRequest(
+                tenant="t", items=[message(f"m{i}")]), timeout=10).conversation.id
+                for i in range(3)]
+            listed = stub.ListConversations(pb.ListConversationsRequest(tenant="t"), timeout=10)
+            assert [c.id for c in listed.conversations] == ids[:0:-1]  # the oldest was dropped
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetConversation(pb.GetConversationRequest(tenant="t",
+                                                               conversation_id=ids[0]),
+                                     timeout=10)
+            assert error_details(err.value).reason == "CONVERSATION_NOT_FOUND"
+            import urllib.request
+
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+        finally:
+            channel.close()
+    assert not (tmp_path / "unused.db").exists()
+    assert _metric(text, "sglmesh_history_memory_evictions_total", kind="conversation",
+                   reason="conversations") == 1
+    assert _metric(text, "sglmesh_history_operations_total", operation="create_conversation",
+                   outcome="ok") == 3
+    assert _metric(text, "sglmesh_history_database_up") == 1
+    with ServiceProcess("history", args[:4], ready_timeout=60) as again:
+        channel, stub = stub_for(again)
+        try:
+            assert not stub.ListConversations(pb.ListConversationsRequest(tenant="t"),
+                                              timeout=10).conversations
+        finally:
+            channel.close()
+
+
+def test_none_backend_process(tmp_path: Path) -> None:
+    """``--history-backend none``: creates answer with ids, reads are NOT_FOUND with reason
+    HISTORY_DISABLED, health is SERVING, nothing touches a database."""
+    args = ["--history-backend", "none",
+            "--history-db", f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}"]
+    with ServiceProcess("history", args, ready_timeout=60) as proc:
+        channel, stub = stub_for(proc)
+        try:
+            created = stub.CreateConversation(pb.CreateConversationRequest(
+                tenant="t", metadata={"k": "v"}, items=[message("hi")], request_id="r1"),
+                timeout=10)
+            conv = created.conversation
+            assert conv.id.startswith("conv_") and dict(conv.metadata) == {"k": "v"}
+            assert created.items[0].id.startswith("msg_") and conv.create_time.seconds > 0
+            retry = stub.CreateConversation(pb.CreateConversationRequest(
+                tenant="t", metadata={"k": "v"}, items=[message("hi")], request_id="r1"),
+                timeout=10)
+            assert retry.conversation.id == conv.id
+            stored = stub.CreateResponse(pb.CreateResponseRequest(
+                tenant="t", response=pb.StoredResponse(
+                    model="m", status="completed", input_items=[message("q")],
+                    output_items=[message("a", "assistant")])), timeout=10).response
+            assert stored.id.startswith("resp_") and len(stored.output_items) == 1
+
+            def not_found(call, request) -> None:  # type: ignore[no-untyped-def]
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request, timeout=10)
+                info = error_details(err.value)
+                assert info.code is ErrorCode.NOT_FOUND and info.reason == "HISTORY_DISABLED"
+                assert "stores nothing" in info.message and info.metadata["backend"] == "none"
+
+            not_found(stub.GetResponse, pb.GetResponseRequest(tenant="t", response_id=stored.id))
+            not_found(stub.GetResponseChain, pb.GetResponseChainRequest(
+                tenant="t", response_id=stored.id))
+            not_found(stub.ListResponseInputItems, pb.ListResponseInputItemsRequest(
+                tenant="t", response_id=stored.id))
+            not_found(stub.DeleteResponse, pb.DeleteResponseRequest(tenant="t",
+                                                                    response_id=stored.id))
+            not_found(stub.GetConversation, pb.GetConversationRequest(tenant="t",
+                                                                      conversation_id=conv.id))
+            not_found(stub.ListConversationItems, pb.ListConversationItemsRequest(
+                tenant="t", conversation_id=conv.id))
+            not_found(stub.DeleteConversation, pb.DeleteConversationRequest(
+                tenant="t", conversation_id=conv.id))
+            assert not stub.ListConversations(pb.ListConversationsRequest(tenant="t"),
+                                              timeout=10).conversations
+            with pytest.raises(grpc.RpcError) as err:  # bad requests: INVALID_ARGUMENT still
+                stub.CreateConversation(pb.CreateConversationRequest(
+                    tenant="t", items=[pb.Item(type="message", role="user")]), timeout=10)
+            assert error_details(err.value).metadata["field"] == "items[0].data.content"
+        finally:
+            channel.close()
+    assert not (tmp_path / "unused.db").exists()
