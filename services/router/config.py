@@ -86,6 +86,9 @@ class RouterConfig(ServiceConfig):
         "", help="Policy of the decode leg (default: --policy).",
         metadata={"choices": ("", *POLICY_NAMES)})
     prefill_workers: list[tuple[str, int | None]] = field(init=False, default_factory=list)
+    disable_kv_events: bool = option(
+        False, help="cache_aware: do not subscribe to workers' KV events (approximate radix-tree "
+                    "mode only).")
     cache_threshold: float = option(
         0.3, help="cache_aware: share of the prompt that must be cached on some worker for the "
                   "request to follow the cache (else it goes to the least-loaded worker).")

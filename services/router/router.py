@@ -241,7 +241,7 @@ class Router:
         self.registry.add(worker)
         self._clients[url] = client
         policy = self.policy_for(card.model_id, worker_type)
-        if isinstance(policy, CacheAwarePolicy):
+        if isinstance(policy, CacheAwarePolicy) and not self.config.disable_kv_events:
             self._start_kv(worker, policy, server_args.get("kv_events"))
         await self._check(worker)
         log.info("registered %s serving %s (%s)", url, card.model_id, worker.health.value)

@@ -261,3 +261,14 @@ async def test_removed_worker_leaves_the_index() -> None:
         job = router.submit_remove_worker(holder)
         await asyncio.wait_for(job.done.wait(), 5)
         assert index.match(list(range(64))) == {} and holder not in router.kv_subscriptions
+
+
+async def test_disable_kv_events_keeps_cache_aware_approximate() -> None:
+    async with sim_fleet(sim_config(), sim_config()) as workers, \
+            running_router(workers, policy="cache_aware", disable_kv_events=True) as router:
+        assert not router.kv_subscriptions and not router.kv_indexes
+        prompt = list(range(500, 600))
+        _, first = await generate(router, gen(prompt, "a", max_new=2))
+        out, again = await generate(router, gen(prompt + [1, 2], "b", max_new=2))
+        assert again.worker is first.worker  # the tree remembered where the prefix went
+        assert out[-1].complete.cached_tokens >= 96
