@@ -26,7 +26,7 @@ Conventions every engine keeps:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -162,7 +162,7 @@ class Engine(Protocol):
     def stop(self) -> None: ...
 
     def generate(self, request_id: str, input_ids: list[int],
-                 options: SamplingOptions) -> AsyncIterator[EngineOutput]: ...
+                 options: SamplingOptions) -> AsyncGenerator[EngineOutput, None]: ...
 
     def abort(self, request_id: str, message: str = "aborted") -> bool: ...
 

@@ -30,7 +30,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,9 +166,9 @@ class KvEventLog:
             self._batches.append(batch)
             self.events_published += len(events)
             waiters = list(self._waiters)
-        for loop, event in waiters:
+        for loop, wake in waiters:
             try:
-                loop.call_soon_threadsafe(event.set)
+                loop.call_soon_threadsafe(wake.set)
             except RuntimeError:  # that loop is closed
                 pass
         return batch.sequence_number
@@ -241,7 +241,7 @@ class KvEventLog:
             return [b for b in self._batches if b.sequence_number >= start_sequence_number]
 
     async def subscribe(self, start_sequence_number: int = 0,
-                        heartbeat_s: float = 0.0) -> AsyncIterator[EventBatch]:
+                        heartbeat_s: float = 0.0) -> AsyncGenerator[EventBatch, None]:
         """Snapshot (cursor 0) or replay (cursor N), then live batches; load-only heartbeats
         every ``heartbeat_s`` seconds of silence when it is > 0. Runs until closed."""
         loop = asyncio.get_running_loop()

@@ -33,6 +33,13 @@ async def collect(engine: TorchEngine, rid: str, ids: list[int],
     raise AssertionError("no finish")
 
 
+def test_implements_the_engine_protocol(engine: TorchEngine) -> None:
+    from services.worker.engine_api import Engine
+
+    assert isinstance(engine, Engine)
+    assert engine.info()["engine"] == "torch" and engine.kv_events is not None
+
+
 async def test_greedy_paris(engine: TorchEngine, chat_ids: Callable[..., list[int]],
                             decode: Callable[[list[int]], str]) -> None:
     ids = chat_ids()
@@ -250,7 +257,7 @@ async def test_chunked_prefill_interleaves_decoding(engine32: TorchEngine,
 
     async def decoder() -> None:
         async for _ in eng.generate("dec", [1, 504], SamplingOptions(
-                **GREEDY, max_new_tokens=40, ignore_eos=True)):
+                **GREEDY, max_new_tokens=20, ignore_eos=True)):
             order.append("dec")
             started.set()
 
