@@ -123,6 +123,10 @@ class Generation:
     decode_start: tok_pb.DecodeStart
     index: int = 0
     constraint_param: str = "response_format"
+    # Decode each chunk as it arrives (streaming). Off: decode once at the end, one tokenizer
+    # round trip instead of one per chunk (the worker applies stop strings itself; the
+    # tokenizer still trims them and parses tools/reasoning over the whole output).
+    lockstep: bool = True
     result: GenerationResult = field(default_factory=GenerationResult)
 
     async def deltas(self) -> AsyncIterator[Delta]:
@@ -130,6 +134,7 @@ class Generation:
         decode_call = self.backends.tokenizer.DecodeStream(metadata=metadata)
         generate_call = self.backends.scheduler.Generate(self.generate_request, metadata=metadata)
         completed = False
+        pending: list[int] = []
         try:
             try:
                 await decode_call.write(tok_pb.DecodeStreamRequest(start=self.decode_start))
@@ -141,6 +146,12 @@ class Generation:
                     self.result.prompt_tokens = chunk.prompt_tokens
                     self.result.completion_tokens = chunk.completion_tokens
                     self.result.cached_tokens = chunk.cached_tokens
+                    if not self.lockstep:
+                        pending += chunk.token_ids
+                        if chunk.HasField("output_logprobs"):
+                            logprobs = await self._logprobs(chunk.output_logprobs)
+                            yield Delta(logprobs=logprobs, index=self.index)
+                        continue
                     decoded = await self._decode(decode_call, chunk.token_ids, finished=False)
                     delta = self._delta(decoded)
                     if chunk.HasField("output_logprobs"):
@@ -163,7 +174,7 @@ class Generation:
                         self.result.matched_stop = done.matched_token_id
                     elif done.HasField("matched_stop_str"):
                         self.result.matched_stop = done.matched_stop_str
-            decoded = await self._decode(decode_call, [], finished=True)
+            decoded = await self._decode(decode_call, pending, finished=True)
             delta = self._delta(decoded)
             if delta:
                 yield delta
@@ -176,7 +187,15 @@ class Generation:
         finally:
             if not completed or not generate_call.done():
                 generate_call.cancel()  # the router relays this as an Abort to the worker
-            decode_call.cancel()
+            if completed and not decode_call.done():
+                # Half-close: the tokenizer ends the stream (cancel() would make grpc format a
+                # traceback for its debug log on every request).
+                try:
+                    await decode_call.done_writing()
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    decode_call.cancel()
+            else:
+                decode_call.cancel()
 
     def _delta(self, decoded: tok_pb.DecodeStreamResponse) -> Delta:
         calls = [ToolCallPart(c.tool_index, c.id, c.name, c.arguments)
@@ -478,6 +497,8 @@ class ChatCompletionService:
     async def complete(self, request: ChatCompletionRequest, request_id: str
                        ) -> ChatCompletionResponse:
         generations, _ = await self.prepare(request, request_id)
+        for g in generations:
+            g.lockstep = False
         started = time.perf_counter()
         first = [True]
 

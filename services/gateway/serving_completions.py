@@ -146,6 +146,8 @@ class PromptService:
 
     async def complete(self, request: CompletionRequest, request_id: str) -> dict[str, Any]:
         generations = await self.completion_generations(request, request_id)
+        for g in generations:
+            g.lockstep = False
 
         async def run(g: Generation) -> dict[str, Any]:
             text = [d.text async for d in g.deltas()]
@@ -231,6 +233,7 @@ class PromptService:
 
     @staticmethod
     async def native_result(g: Generation) -> dict[str, Any]:
+        g.lockstep = False
         text = "".join([d.text async for d in g.deltas()])
         return {"text": text, "meta_info": native_meta(g)}
 

@@ -340,6 +340,8 @@ class ResponsesService:
                         ctx.response_id, exc.message)
 
     async def complete(self, ctx: Context, request_id: str) -> dict[str, Any]:
+        if ctx.generation is not None:
+            ctx.generation.lockstep = False
         last: dict[str, Any] = {}
         async for event in self.events(ctx, request_id):
             last = event
@@ -381,6 +383,7 @@ class ResponsesService:
 
     async def _run_background(self, ctx: Context, request_id: str) -> None:
         assert ctx.generation is not None
+        ctx.generation.lockstep = False
         builder = OutputBuilder()
         status, error = "completed", None
         try:
