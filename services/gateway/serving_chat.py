@@ -651,13 +651,13 @@ async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
     try:
         open_streams = len(tasks)
         while open_streams:
-            _, item = await queue.get()
-            if item is None:
+            _, got = await queue.get()
+            if got is None:
                 open_streams -= 1
-            elif isinstance(item, BaseException):
-                raise item
+            elif isinstance(got, BaseException):
+                raise got
             else:
-                yield item
+                yield got
     finally:
         for task in tasks:
             task.cancel()

@@ -34,7 +34,7 @@ def check_metadata(value: Any, param: str = "metadata") -> dict[str, str]:
 
 
 def page_params(limit: str | None, order: str | None, default_order: str = "desc"
-                ) -> tuple[int, int]:
+                ) -> tuple[int, hpb.SortOrder]:
     """OpenAI's ``limit`` (1-100, default 20) and ``order`` (asc/desc) as history's."""
     size = 20
     if limit is not None:
