@@ -59,7 +59,8 @@ def test_conversations_through_the_sdk(backend: str, tmp_path: Path) -> None:
         client.conversations.items.create(conv.id, items=[
             {"type": "message", "role": "assistant", "content": "Hi there."}])
         page = client.conversations.items.list(conv.id, order="asc")
-        assert [i.content[0].text for i in page.data] == ["Hello!", "Hi there."]
+        assert [i.model_dump()["content"][0]["text"] for i in page.data] == [
+            "Hello!", "Hi there."]
         client.conversations.delete(conv.id)
         with pytest.raises(openai.NotFoundError):
             client.conversations.retrieve(conv.id)
