@@ -32,6 +32,8 @@ def _up(argv: list[str]) -> int:
                         help="Model directory for the workers (default: embedded SmolLM2-135M).")
     parser.add_argument("--history-db", default="",
                         help="History database URL (default: SQLite file ./sglmesh-history.db).")
+    parser.add_argument("--history-backend", default="sql", choices=("sql", "memory", "none"),
+                        help="Where conversations and stored responses live.")
     parser.add_argument("--policy", default="round_robin", help="Router policy.")
     parser.add_argument("--log-dir", type=Path, default=Path(".sglmesh") / "logs",
                         help="One log file per service.")
@@ -50,7 +52,8 @@ def _up(argv: list[str]) -> int:
         host=args.host, port=args.port, workers=args.workers, worker_engine=args.worker_engine,
         worker_args=args.worker_arg, prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers, model_path=args.model_path,
-        history_db=args.history_db, policy=args.policy, log_dir=args.log_dir,
+        history_db=args.history_db, history_backend=args.history_backend, policy=args.policy,
+        log_dir=args.log_dir,
         log_level=args.log_level, log_json=args.log_json, trace_file=args.trace_file,
         otlp_endpoint=args.otlp_endpoint, startup_timeout=args.startup_timeout))
 

@@ -88,6 +88,7 @@ class SuiteConfig:
     decode_workers: int = 0
     model_path: str = ""
     history_db: str = ""
+    history_backend: str = "sql"
     policy: str = "round_robin"
     log_dir: Path = field(default_factory=lambda: Path(".sglmesh") / "logs")
     log_level: str = "info"
@@ -178,8 +179,11 @@ class Suite:
         self.ports.update({f"worker-{i}": port for i, port in enumerate(worker_ports)})
         history_db = cfg.history_db or f"sqlite+aiosqlite:///{Path.cwd() / 'sglmesh-history.db'}"
 
-        self.say(f"starting history ({history_db.split('://')[0]})")
-        history = self._service("history", history_port, "--history-db", history_db)
+        backend = (history_db.split("://")[0] if cfg.history_backend == "sql"
+                   else cfg.history_backend)
+        self.say(f"starting history ({backend})")
+        history = self._service("history", history_port, "--history-backend",
+                                cfg.history_backend, "--history-db", history_db)
         workers = []
         bootstrap_ports: dict[int, int] = {}
         for role, port in zip(roles, worker_ports, strict=True):
