@@ -572,9 +572,10 @@ class TorchEngine:
         filled: list[Any] = list(batch.layers)
         for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
             start = longest - length
-            sample.cache = self._new_cache([
-                (layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:])
-                for layer in filled])
+            for mine, layer in zip(sample.cache.layers, filled, strict=True):
+                # the sample's own slice (old KV + the new token); no new cache object
+                mine.keys = layer.keys[row:row + 1, :, start:]
+                mine.values = layer.values[row:row + 1, :, start:]
             self._accept(sample, logits[row])
 
     # --------------------------------------------------------------------- sampling
