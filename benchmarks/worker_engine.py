@@ -1,13 +1,15 @@
 """Embedded torch engine: decode throughput by concurrency, and TTFT with a cached prefix.
 
     .venv/bin/python benchmarks/worker_engine.py [--dtype bfloat16] [--num-threads 1]
-        [--concurrency 1,4,8,16] [--tokens 64] [--prefix-tokens 500] [--trials 5] [--json F]
+        [--concurrency 1,4,8,16] [--tokens 64] [--rounds 3] [--prefix-tokens 500] [--trials 5]
+        [--json F]
 
 In-process (no gRPC): :class:`services.worker.engine.TorchEngine` on the embedded model.
 
 * Throughput: ``C`` concurrent streams, each a distinct chat prompt generating ``--tokens``
   tokens (ignore_eos); tokens/s = all output tokens / wall time from the first submit to the
-  last finish (prefills included). The prefix cache is flushed before each level.
+  last finish (prefills included). The prefix cache is flushed before each level; the levels
+  are run ``--rounds`` times, interleaved, and the median is reported.
 * Prefix reuse: a ``--prefix-tokens`` shared prefix followed by a distinct question. Each trial
   flushes the cache, runs one request cold (TTFT uncached), then a second request with the same
   prefix and another question (TTFT cached); the two are measured side by side in the same
@@ -64,24 +66,31 @@ async def run_one(engine: TorchEngine, rid: str, ids: list[int], options: Sampli
 
 
 async def throughput(engine: TorchEngine, model_dir: Path, levels: list[int],
-                     tokens: int) -> list[dict[str, float]]:
+                     tokens: int, rounds: int) -> list[dict[str, float]]:
     prompts = [encode(model_dir, None, q) for q in QUESTIONS]
     options = SamplingOptions(temperature=0.0, max_new_tokens=tokens, ignore_eos=True)
     await run_one(engine, "warmup", prompts[0], SamplingOptions(temperature=0.0,
                                                                  max_new_tokens=4))
+    runs: dict[int, list[tuple[float, int, float]]] = {level: [] for level in levels}
+    for _ in range(rounds):  # levels interleaved across rounds: drifting machine load is shared
+        for level in levels:
+            engine.flush_cache()
+            start = time.perf_counter()
+            results = await asyncio.gather(*(
+                run_one(engine, f"tp{level}-{i}",
+                        prompts[i % len(prompts)] + [198] * (i // len(prompts)), options)
+                for i in range(level)))
+            wall = time.perf_counter() - start
+            runs[level].append((wall, sum(n for _, n, _ in results),
+                                statistics.median(t for t, _, _ in results)))
     rows = []
     for level in levels:
-        engine.flush_cache()
-        start = time.perf_counter()
-        results = await asyncio.gather(*(
-            run_one(engine, f"tp{level}-{i}", prompts[i % len(prompts)] + [198] * (i // 16),
-                    options) for i in range(level)))
-        wall = time.perf_counter() - start
-        total = sum(n for _, n, _ in results)
-        row = {"concurrency": level, "output_tokens": total, "seconds": round(wall, 2),
-               "tokens_per_s": round(total / wall, 1),
-               "per_stream_tokens_per_s": round(total / wall / level, 2),
-               "median_ttft_s": round(statistics.median(t for t, _, _ in results), 3)}
+        rates = [n / wall for wall, n, _ in runs[level]]
+        rate = statistics.median(rates)
+        row = {"concurrency": level, "output_tokens": runs[level][0][1], "rounds": rounds,
+               "tokens_per_s": round(rate, 1), "per_stream_tokens_per_s": round(rate / level, 2),
+               "tokens_per_s_each_round": [round(r, 1) for r in rates],
+               "median_ttft_s": round(statistics.median(t for _, _, t in runs[level]), 3)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -128,6 +137,8 @@ async def main() -> None:
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="passes over the concurrency levels (median reported)")
     parser.add_argument("--prefix-tokens", type=int, default=500)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--json", default="", help="write the results here")
@@ -139,7 +150,7 @@ async def main() -> None:
                          max_running_requests=max(levels))
     engine.start()
     try:
-        rows = await throughput(engine, model_dir, levels, args.tokens)
+        rows = await throughput(engine, model_dir, levels, args.tokens, args.rounds)
         reuse = await prefix_reuse(engine, model_dir, args.prefix_tokens, args.trials)
     finally:
         engine.stop()
