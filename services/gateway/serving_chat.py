@@ -140,40 +140,37 @@ class Generation:
                 await decode_call.write(tok_pb.DecodeStreamRequest(start=self.decode_start))
             except grpc.aio.AioRpcError as exc:
                 raise self._tokenizer_error(exc) from exc
-            async for response in generate_call:
-                if response.HasField("chunk"):
-                    chunk = response.chunk
-                    self.result.prompt_tokens = chunk.prompt_tokens
-                    self.result.completion_tokens = chunk.completion_tokens
-                    self.result.cached_tokens = chunk.cached_tokens
-                    if not self.lockstep:
-                        pending += chunk.token_ids
+            async for batch in _batches(generate_call):
+                ids: list[int] = []
+                logprobs: list[dict[str, Any]] = []
+                for response in batch:
+                    if response.HasField("chunk"):
+                        chunk = response.chunk
+                        self.result.prompt_tokens = chunk.prompt_tokens
+                        self.result.completion_tokens = chunk.completion_tokens
+                        self.result.cached_tokens = chunk.cached_tokens
+                        ids += chunk.token_ids
                         if chunk.HasField("output_logprobs"):
-                            logprobs = await self._logprobs(chunk.output_logprobs)
-                            yield Delta(logprobs=logprobs, index=self.index)
-                        continue
-                    decoded = await self._decode(decode_call, chunk.token_ids, finished=False)
-                    delta = self._delta(decoded)
-                    if chunk.HasField("output_logprobs"):
-                        delta.logprobs = await self._logprobs(chunk.output_logprobs)
-                    if delta:
-                        yield delta
-                    if decoded.stopped:
-                        self.result.finish_reason = "stop"
-                        self.result.matched_stop = decoded.matched_stop
-                        completed = True
-                        return  # finally cancels the generation: the stop string ended it
-                elif response.HasField("complete"):
-                    done = response.complete
-                    self.result.finish_reason = done.finish_reason or "stop"
-                    self.result.prompt_tokens = done.prompt_tokens or self.result.prompt_tokens
-                    self.result.completion_tokens = (done.completion_tokens
-                                                     or self.result.completion_tokens)
-                    self.result.cached_tokens = done.cached_tokens or self.result.cached_tokens
-                    if done.HasField("matched_token_id"):
-                        self.result.matched_stop = done.matched_token_id
-                    elif done.HasField("matched_stop_str"):
-                        self.result.matched_stop = done.matched_stop_str
+                            logprobs += await self._logprobs(chunk.output_logprobs)
+                    elif response.HasField("complete"):
+                        self._complete(response.complete)
+                if not self.lockstep:
+                    pending += ids
+                    if logprobs:
+                        yield Delta(logprobs=logprobs, index=self.index)
+                    continue
+                if not ids:
+                    continue
+                decoded = await self._decode(decode_call, ids, finished=False)
+                delta = self._delta(decoded)
+                delta.logprobs = logprobs
+                if delta:
+                    yield delta
+                if decoded.stopped:
+                    self.result.finish_reason = "stop"
+                    self.result.matched_stop = decoded.matched_stop
+                    completed = True
+                    return  # finally cancels the generation: the stop string ended it
             decoded = await self._decode(decode_call, pending, finished=True)
             delta = self._delta(decoded)
             if delta:
@@ -196,6 +193,16 @@ class Generation:
                     decode_call.cancel()
             else:
                 decode_call.cancel()
+
+    def _complete(self, done: pb.GenerateComplete) -> None:
+        self.result.finish_reason = done.finish_reason or "stop"
+        self.result.prompt_tokens = done.prompt_tokens or self.result.prompt_tokens
+        self.result.completion_tokens = done.completion_tokens or self.result.completion_tokens
+        self.result.cached_tokens = done.cached_tokens or self.result.cached_tokens
+        if done.HasField("matched_token_id"):
+            self.result.matched_stop = done.matched_token_id
+        elif done.HasField("matched_stop_str"):
+            self.result.matched_stop = done.matched_stop_str
 
     def _delta(self, decoded: tok_pb.DecodeStreamResponse) -> Delta:
         calls = [ToolCallPart(c.tool_index, c.id, c.name, c.arguments)
@@ -265,6 +272,45 @@ class Generation:
                                     if top is not None else [])
             out.append(item)
         return out
+
+
+async def _batches(call: Any) -> AsyncIterator[list[pb.GenerateResponse]]:
+    """The worker's responses, batched: whatever arrived while the previous batch was being
+    decoded comes as one batch, so a slow decode costs fewer tokenizer round trips."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    end = object()
+
+    async def pump() -> None:
+        try:
+            async for response in call:
+                queue.put_nowait(response)
+            queue.put_nowait(end)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait(exc)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            done = False
+            responses = []
+            for item in batch:
+                if item is end:
+                    done = True
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    responses.append(item)
+            if responses:
+                yield responses
+            if done:
+                return
+    finally:
+        task.cancel()
 
 
 def _to_struct(value: dict[str, Any]) -> struct_pb2.Struct:

@@ -634,6 +634,10 @@ def test_back_pressure_is_429_with_retry_after(suite: Suite) -> None:
     router.start()
     try:
         with gateway(suite, "--router", router.target) as url:
+            deadline = time.monotonic() + 30  # the new router has health-checked its worker
+            while httpx.get(f"{url}/readiness", trust_env=False, timeout=10).status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
             started, release = threading.Event(), threading.Event()
 
             def hold() -> None:  # one long streaming request holds the only slot
