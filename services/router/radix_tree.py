@@ -228,13 +228,16 @@ class RadixTree:
                 continue
             parent = node.parent
             self._drop_tenant(node, tenant)
-            # The parent may now be this tenant's leaf (or a merged node replaced ``node``).
-            for candidate in (parent, *parent.children.values()):
-                if (candidate is not self.root and candidate.parent is not None
-                        and tenant in candidate.tenants
-                        and self._is_tenant_leaf(candidate, tenant)):
-                    heapq.heappush(heap, (candidate.tenants[tenant], counter, tenant, candidate))
-                    counter += 1
+            # The parent may now be this tenant's leaf; if it was merged into its only child,
+            # that child stands in for it.
+            candidate = parent
+            if parent is not self.root and parent.parent is None and len(parent.children) == 1:
+                (candidate,) = parent.children.values()
+            if (candidate is not self.root and candidate.parent is not None
+                    and tenant in candidate.tenants
+                    and self._is_tenant_leaf(candidate, tenant)):
+                heapq.heappush(heap, (candidate.tenants[tenant], counter, tenant, candidate))
+                counter += 1
         return before - self.size
 
     @staticmethod
