@@ -244,9 +244,9 @@ class KvIndex:
         for mask, at in dropped:
             while mask:
                 low = mask & -mask
-                url = urls_by_bit.get(low)
-                if url is not None:
-                    result[url] = at
+                holder = urls_by_bit.get(low)
+                if holder is not None:
+                    result[holder] = at
                 mask ^= low
         return result
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -29,7 +29,7 @@ from services.router.workers import EngineLoad, Worker
 log = logging.getLogger(__name__)
 
 RESET_CODES = frozenset({"OUT_OF_RANGE", "DATA_LOSS"})
-Subscribe = Callable[[int], AsyncIterator[Any]]
+Subscribe = Callable[[int], AsyncGenerator[Any, None]]
 
 
 def engine_load_from_event(load: Any) -> EngineLoad:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -367,7 +367,7 @@ class Router:
         return worker, self.client(worker)
 
     async def generate(self, request: pb.GenerateRequest, hints: RequestHints,
-                       state: DispatchState | None = None) -> AsyncIterator[pb.GenerateResponse]:
+                       state: DispatchState | None = None) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Streams one Generate: select, dispatch, retry before the first token, relay.
 
         A failed attempt is retried on another worker (SMG's backoff with jitter) while its
@@ -402,7 +402,7 @@ class Router:
                 metrics.DURATION.labels(model).observe(time.monotonic() - start)
 
     async def _dispatch(self, request: pb.GenerateRequest, hints: RequestHints,
-                        state: DispatchState) -> AsyncIterator[pb.GenerateResponse]:
+                        state: DispatchState) -> AsyncGenerator[pb.GenerateResponse, None]:
         info = SelectionInfo(token_ids=request.tokenized.input_ids,
                              routing_key=hints.routing_key, request_id=request.request_id)
         retry = self.config.retry
@@ -454,7 +454,7 @@ class Router:
         raise last.cause or last
 
     async def _attempt(self, worker: Worker, request: pb.GenerateRequest,
-                       hints: RequestHints) -> AsyncIterator[pb.GenerateResponse]:
+                       hints: RequestHints) -> AsyncGenerator[pb.GenerateResponse, None]:
         """One dispatch to one worker, with its load guard and breaker outcome."""
         client = self._clients.get(worker.url)
         if client is None:
@@ -498,7 +498,7 @@ class Router:
 
     async def _attempt_pd(self, prefill: Worker, decode: Worker, request: pb.GenerateRequest,
                           hints: RequestHints, state: DispatchState
-                          ) -> AsyncIterator[pb.GenerateResponse]:
+                          ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """One PD attempt: both legs at once with the same bootstrap room; the decode stream is
         relayed, the prefill stream drained. If either leg fails the other is cancelled (and
         its worker gets Abort), so no bootstrap room is left waiting."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -90,7 +90,7 @@ class WorkerClient:
 
     async def generate(self, request: pb.GenerateRequest, metadata: Sequence[tuple[str, str]],
                        trace_context: otel_context.Context | None = None
-                       ) -> AsyncIterator[pb.GenerateResponse]:
+                       ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Streams Generate; a failed call raises UpstreamError; closing the iterator cancels.
 
         ``trace_context`` (the router's attempt span) is current while the call starts, so
@@ -114,7 +114,7 @@ class WorkerClient:
                 call.cancel()
 
     async def kv_events(self, start_sequence_number: int
-                        ) -> AsyncIterator[common_pb2.KvEventBatch]:
+                        ) -> AsyncGenerator[common_pb2.KvEventBatch, None]:
         """SubscribeKvEvents; a failed stream raises UpstreamError; closing cancels it."""
         call = self.stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(
             start_sequence_number=start_sequence_number, load_records_before_first_batch=True))
