@@ -140,33 +140,53 @@ class Worker:
 
 
 class WorkerRegistry:
-    """Registered workers by url, with per-model views for routing."""
+    """Registered workers by url, with per-model views for routing.
+
+    The url-ordered list and the per-model lists are snapshots rebuilt only when a worker is
+    added or removed (the hot path reads them per request); treat them as read-only.
+    """
 
     def __init__(self) -> None:
         self._workers: dict[str, Worker] = {}
+        self._all: list[Worker] | None = None
+        self._by_model: dict[str, list[Worker]] = {}
+
+    def _invalidate(self) -> None:
+        self._all = None
+
+    def _snapshot(self) -> list[Worker]:
+        if self._all is None:
+            self._all = sorted(self._workers.values(), key=lambda w: w.url)
+            grouped: dict[str, list[Worker]] = {}
+            for worker in self._all:
+                grouped.setdefault(worker.model_id, []).append(worker)
+            self._by_model = grouped
+        return self._all
 
     def add(self, worker: Worker) -> None:
         if worker.url in self._workers:
             raise ValueError(f"worker {worker.url} is already registered")
         self._workers[worker.url] = worker
+        self._invalidate()
 
     def remove(self, url: str) -> Worker | None:
-        return self._workers.pop(url, None)
+        worker = self._workers.pop(url, None)
+        self._invalidate()
+        return worker
 
     def get(self, url: str) -> Worker | None:
         return self._workers.get(url)
 
     def all(self) -> list[Worker]:
-        return sorted(self._workers.values(), key=lambda w: w.url)
+        return self._snapshot()
 
     def for_model(self, model_id: str) -> list[Worker]:
-        return [w for w in self.all() if w.model_id == model_id]
+        self._snapshot()
+        return self._by_model.get(model_id, [])
 
     def models(self) -> dict[str, list[Worker]]:
-        grouped: dict[str, list[Worker]] = {}
-        for worker in self.all():
-            grouped.setdefault(worker.model_id, []).append(worker)
-        return grouped
+        self._snapshot()
+        return self._by_model
 
     def resolve_model(self, requested: str) -> str | None:
         """The model a request names; an empty name means the only model, if there is one."""
