@@ -112,6 +112,24 @@ def decision_cost(name: str, n: int, requests: list[SelectionInfo]) -> dict[str,
             "p99_us": sorted(samples)[int(0.99 * (len(samples) - 1))]}
 
 
+def router_select_cost(policy: str, n: int, requests: list[SelectionInfo]) -> float:
+    """Mean us of ``Router.select`` (model lookup, health/breaker filter, policy, span)."""
+    from services.router.config import RouterConfig
+    from services.router.router import Router
+
+    router = Router(RouterConfig(policy=policy))
+    for w in make_workers(n):
+        router.registry.add(w)
+    samples = []
+    for info in requests:
+        t0 = time.perf_counter_ns()
+        worker = router.select("m", info)
+        with worker.track():
+            pass
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    return statistics.median(samples)
+
+
 def policy_memory(name: str, n: int, requests: list[SelectionInfo]) -> int:
     workers = make_workers(n)
     gc.collect()
@@ -194,6 +212,12 @@ def main() -> None:
             print(f"{name:22} {n:7d} {cost['mean_us']:9.1f} {cost['p50_us']:8.1f} "
                   f"{cost['p99_us']:8.1f} {mem / 1024:10.0f}")
     results["decisions"] = rows
+    print(f"{'Router.select p50 us':22} " + " ".join(f"{n:>7}w" for n in args.workers))
+    selects = {}
+    for name in ("round_robin", "cache_aware"):
+        selects[name] = [router_select_cost(name, n, requests) for n in args.workers]
+        print(f"{name:22} " + " ".join(f"{v:8.1f}" for v in selects[name]))
+    results["router_select_p50_us"] = selects
     tree = tree_memory(args.tree_tokens)
     results["tree"] = tree
     print(f"radix tree: {tree['tree_mib_per_m_tokens']:.1f} MiB per million cached tokens "

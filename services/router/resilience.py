@@ -84,6 +84,7 @@ class CircuitBreaker:
         self.config = config or CircuitBreakerConfig()
         self._clock = clock
         self._state = CircuitState.CLOSED
+        self.closed = True  # fast path for the per-request filter
         self._opened_at = 0.0
         self.consecutive_failures = 0
         self.consecutive_successes = 0
@@ -139,6 +140,7 @@ class CircuitBreaker:
 
     def _move(self, new: CircuitState) -> None:
         old, self._state = self._state, new
+        self.closed = new is CircuitState.CLOSED
         self.transitions += 1
         if new is not CircuitState.CLOSED:
             self.consecutive_successes = 0

@@ -334,8 +334,10 @@ class Router:
                                    {"worker": target_url}, DOMAIN)
             return worker
         model_id = self.resolve_model(model)
+        ready = Health.READY
         candidates = [w for w in self.registry.for_model(model_id)
-                      if w.is_routable and w.worker_type is worker_type]
+                      if w.health is ready and w.worker_type is worker_type
+                      and (w.breaker.closed or w.breaker.allows())]
         if exclude:
             fresh = [w for w in candidates if w.url not in exclude]
             candidates = fresh or candidates
