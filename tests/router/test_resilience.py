@@ -131,7 +131,7 @@ def test_backoff_defaults_growth_cap_and_jitter() -> None:
 
 async def test_failed_attempt_is_retried_on_another_worker() -> None:
     async with sim_fleet(sim_config(sim_error_rate=1.0), sim_config()) as (bad, good), \
-            running_router([bad, good]) as router:
+            running_router([bad, good], policy="round_robin") as router:
         for i in range(6):
             out, state = await generate(router, gen(range(10, 30), f"r{i}"))
             assert out[-1].WhichOneof("response") == "complete"
