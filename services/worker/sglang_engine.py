@@ -50,7 +50,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ class SglangSettings:
     served_model_name: str = ""
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998
+    load_format: str = "auto"
     argv: list[str] = field(default_factory=list)
     # "--smg-grpc-mode" where SGLang's parser has it (0.5.2x; "--grpc-mode" is its deprecated
     # alias there), else "--grpc-mode" (0.5.17)
@@ -111,6 +112,7 @@ def _light_parser() -> argparse.ArgumentParser:
     p.add_argument("--disaggregation-mode", dest="disaggregation_mode", default="null")
     p.add_argument("--disaggregation-bootstrap-port", dest="disaggregation_bootstrap_port",
                    type=int, default=8998)
+    p.add_argument("--load-format", dest="load_format", default="auto")
     return p
 
 
@@ -129,6 +131,7 @@ def _settings_from(ns: Any, argv: Sequence[str]) -> SglangSettings:
         served_model_name=str(get("served_model_name", "") or ""),
         disaggregation_mode=str(get("disaggregation_mode", "null") or "null"),
         disaggregation_bootstrap_port=int(get("disaggregation_bootstrap_port", 8998) or 8998),
+        load_format=str(get("load_format", "auto") or "auto"),
         argv=list(argv))
 
 
@@ -604,6 +607,59 @@ class ForwardingHandler:
         return handler
 
 
+class LoadsFallback:
+    """``GetLoads`` that survives servicers failing on some sections.
+
+    smg-grpc-servicer 0.8.0 on sglang 0.5.17 raises ``AttributeError`` (gRPC UNKNOWN) whenever
+    the disaggregation section is built, i.e. for a request without ``include`` (= all), which
+    is what routers send. On UNKNOWN for such a request, the same request is retried with the
+    narrower section lists below, and the first list that works is used from then on (so the
+    child logs one traceback, not one per load poll). Requests naming sections explicitly are
+    forwarded unchanged. Plain Python: each request's ``call(request_bytes) -> reply_bytes``
+    does the I/O, and ``is_unknown(exc)`` recognises the UNKNOWN status.
+    """
+
+    LADDER: tuple[tuple[str, ...], ...] = (("core", "memory", "spec", "lora", "queues"), ("core",))
+
+    def __init__(self, is_unknown: Callable[[BaseException], bool]) -> None:
+        self.is_unknown = is_unknown
+        self.step = 0  # 0: forward as asked; n: LADDER[n - 1]
+
+    @staticmethod
+    def _wants_all(request: Any) -> bool:
+        return not request.include or any(s in ("all", "disagg") for s in request.include)
+
+    def _narrowed(self, request: Any, step: int) -> bytes:
+        narrowed = type(request)()
+        narrowed.CopyFrom(request)
+        del narrowed.include[:]
+        narrowed.include.extend(self.LADDER[step - 1])
+        return narrowed.SerializeToString()
+
+    async def __call__(self, raw: bytes, call: Callable[[bytes], Awaitable[bytes]]) -> bytes:
+        from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
+
+        request = pb.GetLoadsRequest.FromString(raw)
+        if not self._wants_all(request):
+            return await call(raw)
+        step = self.step
+        while True:
+            try:
+                reply = await call(raw if step == 0 else self._narrowed(request, step))
+            except Exception as exc:
+                if not self.is_unknown(exc) or step >= len(self.LADDER):
+                    raise
+                step += 1
+                getter = getattr(exc, "details", None)
+                details = getter() if callable(getter) else exc
+                log.warning("GetLoads failed in SGLang's servicer (%s); asking for sections %s "
+                            "from now on", str(details)[:200],
+                            ",".join(self.LADDER[step - 1]))
+                continue
+            self.step = step
+            return reply
+
+
 @dataclass
 class Wrapper:
     """Everything ``serve_sglang`` needs, built (and testable) without running anything."""
@@ -629,7 +685,10 @@ def prepare(config: Any, user_argv: Sequence[str], settings: SglangSettings,
     """Child command line, environment, KV events config and model facts."""
     if supports_bind is None:
         supports_bind = kv_events_supports_bind()
+    # SGLang 0.5.17 derives a gRPC port as --port + 10000 and rejects it above 65535.
     child_port = free_port_block(1)
+    while child_port > 55535:
+        child_port = free_port_block(1)
     if settings.kv_events_config:
         raw, warning = fix_user_kv_events(settings.kv_events_config, supports_bind)
         if warning:
@@ -705,6 +764,18 @@ async def serve_sglang(config: Any, wrapper: Wrapper) -> int:
 
     handler = ForwardingHandler(channel, {"GetModelInfo": fix_model_info_bytes,
                                           "GetServerInfo": fix_server_info_bytes})
+    loads_call = channel.unary_unary(f"/{SERVICE_NAME}/GetLoads")
+    loads_fallback = LoadsFallback(lambda exc: isinstance(exc, grpc.aio.AioRpcError)
+                                   and exc.code() == grpc.StatusCode.UNKNOWN)
+
+    async def get_loads(request: bytes, context: Any) -> bytes:
+        async def call(raw: bytes) -> bytes:
+            return await loads_call(raw, metadata=_forward_metadata(context),
+                                    timeout=_timeout(context))
+
+        return await loads_fallback(request, call)
+
+    handler.handlers[f"/{SERVICE_NAME}/GetLoads"] = grpc.unary_unary_rpc_method_handler(get_loads)
     server.add_service(lambda h, s: s.add_generic_rpc_handlers((h,)), handler, SERVICE_NAME)
     public["port"] = await server.start()
 
@@ -770,7 +841,9 @@ def main_sglang(config: Any) -> int:
         return 2
     try:
         is_file = settings.model_path.endswith(".gguf")
+        # --load-format dummy (random weights: smoke tests, benchmarks) needs no weight files
         preflight_model_path(settings.model_path, allow_gguf_file=True,
+                             require_weights=settings.load_format != "dummy",
                              require_tokenizer=not is_file)
         if settings.tokenizer_path:
             preflight_model_path(settings.tokenizer_path, flag="--tokenizer-path",
