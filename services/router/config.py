@@ -73,6 +73,9 @@ class RouterConfig(ServiceConfig):
     service_discovery_relist_secs: float = option(
         60.0, help="Full re-list period (the watch's timeout), so no stale pod survives a "
                    "missed event.")
+    dp_aware: bool = option(
+        False, help="Pick the data-parallel rank of workers with dp_size > 1 (least loaded) and "
+                    "set GenerateRequest.data_parallel_rank, on every leg.")
     pd_disaggregation: bool = option(
         False, help="Prefill/decode disaggregation: each request goes to a prefill and a "
                     "decode worker (--prefill, --decode).")

@@ -426,7 +426,12 @@ class Router:
                 else:
                     worker = self.select(hints.model, info, hints.target_worker,
                                          exclude=set(state.tried))
-                    attempt_stream = self._attempt(worker, request, hints)
+                    leg = request
+                    if self.config.dp_aware and worker.dp_size > 1:
+                        leg = pb.GenerateRequest()
+                        leg.CopyFrom(request)
+                        leg.data_parallel_rank = worker.next_dp_rank()
+                    attempt_stream = self._attempt(worker, leg, hints)
             except ServiceError:
                 if last is not None:  # nobody left to retry on: the worker's error stands
                     raise last.cause or last from None
@@ -468,7 +473,10 @@ class Router:
             "sglmesh.request_id": request.request_id})
         code = "CANCELLED"
         self.begin_request(request.request_id, worker)
-        with worker.track():
+        rank = request.data_parallel_rank if request.HasField("data_parallel_rank") else None
+        if rank is not None:
+            span.set_attribute("sglmesh.dp_rank", rank)
+        with worker.track(rank):
             try:
                 stream = client.generate(request, hints.forward,
                                          trace.set_span_in_context(span))
@@ -515,7 +523,7 @@ class Router:
             params.bootstrap_host = host
             params.bootstrap_port = prefill.bootstrap_port or DEFAULT_BOOTSTRAP_PORT
             params.bootstrap_room = room
-            if worker.dp_size > 1:
+            if self.config.dp_aware and worker.dp_size > 1:
                 leg.data_parallel_rank = worker.next_dp_rank()
             legs.append(leg)
         queue: asyncio.Queue[tuple[str, str, object]] = asyncio.Queue()

@@ -73,6 +73,7 @@ class Worker:
     engine_load: EngineLoad | None = None
     removing: bool = False
     _dp_cursor: int = 0
+    rank_in_flight: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -90,22 +91,31 @@ class Worker:
         return self.in_flight
 
     def next_dp_rank(self) -> int:
-        """Data-parallel rank for the next request (round robin over ``dp_size``)."""
-        rank = self._dp_cursor % max(1, self.dp_size)
+        """Data-parallel rank for the next request: the rank with the fewest of this router's
+        requests in flight, ties broken round robin."""
+        size = max(1, self.dp_size)
+        if len(self.rank_in_flight) != size:
+            self.rank_in_flight = [0] * size
+        start = self._dp_cursor % size
         self._dp_cursor += 1
-        return rank
+        return min(range(size), key=lambda r: (self.rank_in_flight[r], (r - start) % size))
 
     @contextmanager
-    def track(self) -> Iterator[None]:
-        """Counts one in-flight request for the duration of the block (RAII-style guard)."""
+    def track(self, dp_rank: int | None = None) -> Iterator[None]:
+        """Counts one in-flight request (and its DP rank's) for the duration of the block."""
+        ranked = dp_rank is not None and 0 <= dp_rank < len(self.rank_in_flight)
         with self._lock:
             self.in_flight += 1
             self.processed += 1
+            if ranked:
+                self.rank_in_flight[dp_rank] += 1  # type: ignore[index]
         try:
             yield
         finally:
             with self._lock:
                 self.in_flight -= 1
+                if ranked:
+                    self.rank_in_flight[dp_rank] -= 1  # type: ignore[index]
 
     def record_health(self, healthy: bool, message: str, success_threshold: int,
                       failure_threshold: int) -> bool:

@@ -182,3 +182,13 @@ def test_every_policy_skips_open_breakers() -> None:
         for i in range(40):
             chosen = router.select("m", info(range(i, i + 20), key=f"k{i}"))
             assert chosen is not ws[1], name
+
+
+def test_dp_rank_is_the_least_loaded_then_round_robin() -> None:
+    w = workers(1)[0]
+    w.dp_size = 3
+    assert [w.next_dp_rank() for _ in range(3)] == [0, 1, 2]
+    with w.track(1), w.track(1), w.track(0):
+        assert w.next_dp_rank() == 2
+        assert w.rank_in_flight == [1, 2, 0]
+    assert w.rank_in_flight == [0, 0, 0] and w.in_flight == 0

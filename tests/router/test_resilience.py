@@ -288,3 +288,20 @@ async def test_loads_pushed_on_the_kv_event_stream_replace_polling() -> None:
         assert pushed is not None and pushed.source == "events"
         await router.poll_loads()
         assert worker.engine_load is pushed or worker.engine_load.source == "events"
+
+
+async def test_dp_aware_sets_the_rank_the_worker_checks() -> None:
+    """The sim worker has one DP rank and rejects any other: pretending it has two makes
+    every second request carry rank 1, which the worker refuses (INVALID_ARGUMENT, no retry)."""
+    async with sim_fleet(sim_config()) as (w,), \
+            running_router([w], dp_aware=True, policy="round_robin") as router:
+        worker = router.registry.get(url(w))
+        assert worker is not None and worker.dp_size == 1
+        await generate(router, gen(range(5, 20), "one"))  # dp_size 1: no rank set
+        worker.dp_size = 2
+        await generate(router, gen(range(5, 20), "r0"))  # rank 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(router, gen(range(5, 20), "r1"))  # rank 1
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one DP rank (0), got 1" in (err.value.details() or "")
+        assert worker.rank_in_flight == [0, 0] and worker.in_flight == 0
