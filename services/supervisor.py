@@ -89,7 +89,7 @@ class SuiteConfig:
     model_path: str = ""
     history_db: str = ""
     history_backend: str = "sql"
-    policy: str = "round_robin"
+    policy: str = "cache_aware"
     log_dir: Path = field(default_factory=lambda: Path(".sglmesh") / "logs")
     log_level: str = "info"
     log_json: bool = False
@@ -97,7 +97,7 @@ class SuiteConfig:
     otlp_endpoint: str = ""
     state_file: Path = field(default_factory=lambda: Path(".sglmesh") / "state.json")
     startup_timeout: float = 600.0
-    stop_grace: float = 15.0
+    stop_grace: float = 40.0  # above the gateway's --graceful-shutdown-secs (30)
 
 
 class Suite:

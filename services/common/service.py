@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from services.common.config import ServiceConfig, parse_config
 from services.common.grpc_server import run
 from services.common.logs import setup_logging
-from services.common.telemetry import setup_tracing
+from services.common.telemetry import setup_tracing, shutdown_tracing
 
 C = TypeVar("C", bound=ServiceConfig)
 
@@ -24,3 +24,5 @@ def main_for(config_cls: type[C], serve: Callable[[C], Coroutine[Any, Any, None]
         run(lambda: serve(config))
     except KeyboardInterrupt:
         pass
+    finally:
+        shutdown_tracing()

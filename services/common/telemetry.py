@@ -86,8 +86,16 @@ def setup_tracing(service: str, trace_file: str = "", otlp_endpoint: str = "",
         provider.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
     trace.set_tracer_provider(provider)
-    atexit.register(provider.shutdown)
+    atexit.register(provider.shutdown)  # a second shutdown is a no-op
     _configured = True
+
+
+def shutdown_tracing() -> None:
+    """Flushes and stops the exporters; call when the service stops, before interpreter exit."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(timeout_millis=5000)
+        provider.shutdown()
 
 
 def tracer(name: str) -> trace.Tracer:

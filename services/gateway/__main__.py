@@ -8,7 +8,7 @@ import uvicorn
 
 from services.common.config import parse_config
 from services.common.logs import setup_logging
-from services.common.telemetry import setup_tracing
+from services.common.telemetry import setup_tracing, shutdown_tracing
 from services.gateway.config import GatewayConfig, expand_aliases
 from services.gateway.server import create_app
 
@@ -18,11 +18,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(config.service_name, config.log_level, config.log_json, config.error_log)
     setup_tracing(config.service_name, config.trace_file, config.otlp_endpoint,
                   config.trace_console)
-    uvicorn.run(
-        create_app(config), host=config.host, port=config.port, loop="uvloop",
-        log_level="warning" if config.log_level == "info" else config.log_level,
-        access_log=config.log_level == "debug", timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            create_app(config), host=config.host, port=config.port, loop="uvloop",
+            log_level="warning" if config.log_level == "info" else config.log_level,
+            access_log=config.log_level == "debug",
+            timeout_graceful_shutdown=config.graceful_shutdown_secs,
+        )
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

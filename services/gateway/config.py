@@ -30,6 +30,8 @@ class GatewayConfig(ServiceConfig):
     max_payload_size: int = option(16 * 1024 * 1024,
                                    help="Largest accepted request body in bytes (413 above).")
     max_request_bytes: int = option(0, help="Deprecated alias of --max-payload-size.")
+    graceful_shutdown_secs: float = option(
+        30.0, help="On SIGTERM, how long in-flight requests (streams too) may run to completion.")
     models_cache_secs: float = option(2.0, help="How long the router's model list is reused.")
     history_timeout_secs: float = option(10.0, help="Deadline of one history call.")
     tool_call_parser: str = option(
