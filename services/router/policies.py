@@ -292,8 +292,10 @@ class CacheAwarePolicy(PolicyBase):
 
     Precise mode (``kv_index`` attached): for workers whose KV events are live, the cached
     prefix length comes from the block index fed by those events instead of the tree; the
-    worker with the longest cached prefix wins, ties -> least loaded; no overlap -> least
-    loaded; the same spill gate applies. Workers without events (UNIMPLEMENTED) keep using the
+    worker with the longest cached prefix wins, ties -> least loaded; a cached prefix of at most
+    ``cache_threshold`` of the prompt counts as a miss -> least loaded (SMG applies no threshold
+    here, and then routes every prompt by its shared chat-template opening); the same spill
+    gate applies. Workers without events (UNIMPLEMENTED) keep using the
     approximate tree.
     """
 
@@ -323,8 +325,7 @@ class CacheAwarePolicy(PolicyBase):
             scores = index.match(tokens)
         else:
             match = self.tree.prefix_match(tokens)
-            hit = match.matched / len(tokens) > self.config.cache_threshold
-            scores = dict.fromkeys(match.tenants, 1) if hit else {}
+            scores = dict.fromkeys(match.tenants, match.matched)
         # One pass: the best (score desc, load, processed), the least loaded, the total load.
         best = lightest = workers[0]
         best_score = -1
@@ -346,7 +347,10 @@ class CacheAwarePolicy(PolicyBase):
             if load < lightest.in_flight or (load == lightest.in_flight
                                              and worker.processed < lightest.processed):
                 lightest = worker
-        hit = best_score > 0
+        # A match only counts above cache_threshold of the prompt, in both modes: every prompt
+        # shares its chat template's opening tokens, and following those alone would pile all
+        # traffic onto whichever worker cached them first (seen with real SGLang workers).
+        hit = best_score > 0 and best_score / len(tokens) > self.config.cache_threshold
         chosen = best if hit else lightest
         if hit:
             self.stats.hits += 1

@@ -208,6 +208,25 @@ def test_precise_policy_prefers_the_longest_cached_prefix() -> None:
     assert policy.select_worker(ws, SelectionInfo(token_ids=[1] * 16)) is ws[1]
 
 
+def test_precise_policy_ignores_a_short_shared_opening() -> None:
+    """A cached prefix of at most cache_threshold of the prompt is a miss: every prompt shares
+    its chat template's first tokens, and following those alone sends all traffic to one worker
+    (seen with two real SGLang workers: 128 requests to one, none to the other)."""
+    ws = [_worker(f"grpc://w{i}:1") for i in range(2)]
+    index = KvIndex()
+    index.apply_event(ws[0].url, stored(BLOCKS[:1]))  # 4 of 16 tokens: 25% < 30%
+    for w in ws:
+        index.set_live(w.url, True)
+    policy = CacheAwarePolicy()
+    policy.kv_index = index
+    ws[0].processed = 3  # otherwise idle and equal: the less used worker wins a miss
+    assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is ws[1]
+    assert policy.stats.misses == 1
+    index.apply_event(ws[0].url, stored(BLOCKS[1:2], parent=BLOCKS[0][0]))  # 50% cached
+    assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is ws[0]
+    assert policy.stats.hits == 1
+
+
 # ----------------------------------------------------------------- real sim workers
 
 
