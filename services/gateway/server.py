@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.common.telemetry import extract_context
 from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
+from services.gateway.dashboard import install_dashboard
 from services.gateway.errors import OpenAIError, invalid
 from services.gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from services.gateway.protocol import (
@@ -268,6 +269,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     # Outermost first: telemetry (request id, span) wraps authentication.
     app.add_middleware(AuthMiddleware, api_keys=config.api_keys)
     app.add_middleware(TelemetryMiddleware)
+    install_dashboard(app, lambda: state["backends"])
     max_payload = config.max_payload_size
 
     def request_id(request: Request) -> str:

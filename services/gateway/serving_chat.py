@@ -27,7 +27,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from services.gateway.backends import Backends, ServedModel
 from services.gateway.errors import OpenAIError, from_grpc, invalid
-from services.gateway.metrics import OUTPUT_TOKENS, TTFT
+from services.gateway.metrics import TTFT, record_usage
 from services.gateway.protocol import (
     ChatCompletionChoice,
     ChatCompletionMessage,
@@ -566,7 +566,7 @@ class ChatCompletionService:
                         "function": {"name": part.name, "arguments": ""}})
                     call["function"]["arguments"] += part.arguments
             result = generation.result
-            OUTPUT_TOKENS.inc(result.completion_tokens)
+            record_usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
             finish = "tool_calls" if calls and result.finish_reason == "stop" \
                 else result.finish_reason
             return ChatCompletionChoice(
@@ -638,7 +638,7 @@ class ChatCompletionService:
             yield f"data: {json.dumps(OpenAIError(500, str(exc)).body())}\n\n"
             return
         for g in generations:
-            OUTPUT_TOKENS.inc(g.result.completion_tokens)
+            record_usage(g.result.prompt_tokens, g.result.completion_tokens, g.result.cached_tokens)
             reason = g.result.finish_reason
             if g.index in has_calls and reason == "stop":
                 reason = "tool_calls"

@@ -18,7 +18,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from services.gateway.backends import Backends, ServedModel
 from services.gateway.errors import OpenAIError, from_grpc, invalid
-from services.gateway.metrics import OUTPUT_TOKENS
+from services.gateway.metrics import record_usage
 from services.gateway.protocol import CompletionRequest
 from services.gateway.schema import check_json_schema
 from services.gateway.serving_chat import (
@@ -151,7 +151,7 @@ class PromptService:
 
         async def run(g: Generation) -> dict[str, Any]:
             text = [d.text async for d in g.deltas()]
-            OUTPUT_TOKENS.inc(g.result.completion_tokens)
+            record_usage(g.result.prompt_tokens, g.result.completion_tokens, g.result.cached_tokens)
             return {"text": "".join(text), "index": g.index, "logprobs": None,
                     "finish_reason": g.result.finish_reason}
 
@@ -187,7 +187,7 @@ class PromptService:
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
         for g in generations:
-            OUTPUT_TOKENS.inc(g.result.completion_tokens)
+            record_usage(g.result.prompt_tokens, g.result.completion_tokens, g.result.cached_tokens)
             yield frame(g.index, "", g.result.finish_reason)
         if include_usage:
             usage = {"id": request_id, "object": "text_completion", "created": created,
