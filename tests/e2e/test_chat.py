@@ -226,7 +226,8 @@ def test_one_request_is_one_trace(client: openai.OpenAI, suite: Suite) -> None:
             "sglmesh-worker"} <= services
 
 
-def test_health_and_metrics(base_url: str, suite: Suite) -> None:
+def test_health_and_metrics(base_url: str, suite: Suite, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=1)
     health = httpx.get(f"{base_url}/health", trust_env=False).json()
     assert health["status"] == "ok"
     metrics = httpx.get(f"{base_url}/metrics", trust_env=False).text
@@ -236,3 +237,22 @@ def test_health_and_metrics(base_url: str, suite: Suite) -> None:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
         if name != "history":  # history is not on the chat path yet
             assert "sglmesh_grpc_server_requests_total{" in text, name
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(base_url: str, suite: Suite) -> None:
+    """Every metric deploy/grafana/sglmesh.json queries is declared by some running service."""
+    import re
+
+    exported: set[str] = set()
+    for port in [suite.ports["gateway"], *suite.metrics_ports.values()]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+        exported |= set(re.findall(r"^# TYPE (\w+) ", text, re.M))
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana"
+                            / "sglmesh.json").read_text())
+    queried = {re.sub(r"_(bucket|sum|count)$", "", name)
+               for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bsglmesh_\w+", target["expr"])}
+    queried = {name.removesuffix("_total") for name in queried}
+    exported = {name.removesuffix("_total") for name in exported}
+    assert len(queried) >= 15
+    assert queried <= exported, sorted(queried - exported)
