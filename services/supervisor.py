@@ -184,12 +184,22 @@ class Suite:
         self.say(f"starting history ({backend})")
         history = self._service("history", history_port, "--history-backend",
                                 cfg.history_backend, "--history-db", history_db)
+        model_path = cfg.model_path
+        if cfg.worker_engine == "sim" and not model_path:
+            # Sim workers have no model, but serving the embedded model's tokenizer and config
+            # lets the whole chat path run against them.
+            from services.worker.config import WorkerConfig
+            from services.worker.model_store import ensure_embedded_model
+
+            self.say("preparing the embedded model's tokenizer for the sim workers")
+            model_path = str(ensure_embedded_model(
+                Path(WorkerConfig(engine="sim").model_cache_dir).expanduser()))
         workers = []
         bootstrap_ports: dict[int, int] = {}
         for role, port in zip(roles, worker_ports, strict=True):
             args = ["--engine", cfg.worker_engine]
-            if cfg.model_path:
-                args += ["--model-path", cfg.model_path]
+            if model_path:
+                args += ["--model-path", model_path]
             if role != "regular":
                 args += ["--disaggregation-mode", role]
                 if role == "prefill":

@@ -172,3 +172,23 @@ def test_json_logs_and_error_sink(tmp_path: Path) -> None:
     sink = [json.loads(line) for line in errors.read_text().splitlines()]
     assert sink and all(r["level"] in ("warning", "error") for r in sink)
     assert any("did not answer GetModelInfo" in r["msg"] for r in sink)
+
+
+@pytest.mark.parametrize("layout", [["--workers", "3"],
+                                    ["--prefill-workers", "1", "--decode-workers", "1"]],
+                         ids=["sim-fleet", "sim-pd"])
+def test_up_with_sim_workers(up_factory, layout: list[str]) -> None:
+    up = up_factory("--worker-engine", "sim", "--history-backend", "memory", *layout)
+    state = up.wait_up()
+    status = json.loads(subprocess.run([*SGLMESH, "status", "--json"], cwd=up.cwd,
+                                       capture_output=True, text=True, timeout=60).stdout)
+    types = sorted(w["type"] for w in status["workers"])
+    assert types == (["regular"] * 3 if layout[0] == "--workers" else ["decode", "prefill"])
+    assert {w["health"] for w in status["workers"]} == {"ready"}
+    reply = httpx.post(f"{state['gateway_url']}/v1/chat/completions", trust_env=False, timeout=60,
+                       json={"model": "SmolLM2-135M-Instruct", "max_tokens": 5,
+                             "messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 5
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.wait_exit() == 0

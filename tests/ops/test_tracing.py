@@ -87,7 +87,8 @@ def test_one_trace_across_every_service(receiver, tmp_path: Path,
     by_id = {s["span_id"]: s for s in spans}
     assert wanted <= {s["service"] for s in spans}, spans
     roots = [s for s in spans if s["parent"] == CLIENT_SPAN]
-    assert [r["service"] for r in roots] == ["sglmesh-gateway"], [s for s in spans if s["service"] == "sglmesh-gateway"]
+    gateway_spans = [s for s in spans if s["service"] == "sglmesh-gateway"]
+    assert [r["service"] for r in roots] == ["sglmesh-gateway"], gateway_spans
 
     def ancestors(span: dict) -> list[str]:
         chain = []
