@@ -22,13 +22,11 @@ what only the sim adds:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 from smg_grpc_proto.generated import common_pb2
@@ -41,11 +39,6 @@ from services.common.net import dial_host
 from services.worker import server as base
 from services.worker.config import WorkerConfig
 from services.worker.kv_events import (
-    BlocksRemoved,
-    BlocksStored,
-    CursorGone,
-    EventBatch,
-    SubscriberBehind,
     kv_events_descriptor,
 )
 from services.worker.sim import SimEngine, SimParams
@@ -191,68 +184,6 @@ class SimServicer(base.WorkerServicer):
                          context: grpc.aio.ServicerContext) -> common_pb2.FlushCacheResponse:
         ok, message = self._engine().flush_cache()
         return common_pb2.FlushCacheResponse(success=ok, message=message)
-
-    async def _sim_subscribe(self, request: common_pb2.SubscribeKvEventsRequest,
-                             context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[common_pb2.KvEventBatch]:
-        engine = self._sim()
-        log_ = engine.kv_events
-        if log_ is None:
-            raise ServiceError(ErrorCode.UNIMPLEMENTED, "NO_KV_EVENTS",
-                               "this worker publishes no KV events")
-        stream: Any = log_.subscribe(request.start_sequence_number, heartbeat_s=5.0)
-        try:
-            async with contextlib.aclosing(stream):
-                async for batch in stream:
-                    yield batch_to_proto(batch, engine)
-        except CursorGone as exc:
-            raise ServiceError(ErrorCode.OUT_OF_RANGE, "KV_EVENT_CURSOR_GONE", str(exc)) from exc
-        except SubscriberBehind as exc:
-            raise ServiceError(ErrorCode.INTERNAL, "KV_EVENT_SUBSCRIBER_BEHIND", str(exc)) \
-                from exc
-
-
-if getattr(base.WorkerServicer, "SubscribeKvEvents", None) is \
-        pb_grpc.SglangSchedulerServicer.SubscribeKvEvents:
-    # The shared servicer does not stream KV events (yet): the sim serves its own log.
-    SimServicer.SubscribeKvEvents = SimServicer._sim_subscribe  # type: ignore[method-assign]
-
-
-def batch_to_proto(batch: EventBatch, engine: SimEngine) -> common_pb2.KvEventBatch:
-    """One :class:`EventBatch` as ``smg.grpc.common.KvEventBatch`` (with the engine's load)."""
-    out = common_pb2.KvEventBatch(sequence_number=batch.sequence_number,
-                                  timestamp=batch.timestamp, dp_rank=0)
-    event_id = batch.sequence_number << 20
-    bs = engine.params.block_size
-    for ev in batch.events:
-        event_id += 1
-        item = out.events.add(event_id=event_id)
-        if isinstance(ev, BlocksStored):
-            stored = item.stored
-            stored.blocks.extend(common_pb2.KvBlock(block_hash=b.block_hash,
-                                                    token_ids=list(b.token_ids), block_size=bs)
-                                 for b in ev.blocks)
-            if ev.parent_block_hash is not None:
-                stored.parent_block_hash = ev.parent_block_hash
-        elif isinstance(ev, BlocksRemoved):
-            item.removed.block_hashes.extend(ev.block_hashes)
-        else:
-            item.cleared.SetInParent()
-    if batch.snapshot is not None:
-        out.snapshot.index = batch.snapshot.index
-        out.snapshot.count = batch.snapshot.count
-    loads = engine.loads()
-    out.load.running_requests = loads.num_running
-    out.load.waiting_requests = loads.num_waiting
-    out.load.waiting_uncached_tokens = loads.num_waiting_tokens
-    out.load.token_usage = loads.token_usage
-    if loads.active_token_usage is not None:
-        out.load.active_token_usage = loads.active_token_usage
-    out.load.gen_throughput = loads.gen_throughput
-    out.load.max_running_requests = loads.max_running_requests
-    out.load.sample = batch.sequence_number
-    out.load.load_only = batch.load_only
-    return out
 
 
 # -------------------------------------------------------------------- building and serving
