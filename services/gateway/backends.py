@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import httpx
 from sglmesh.history.v1 import history_pb2_grpc
 from sglmesh.router.v1 import router_admin_pb2 as admin_pb
 from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
+from sglmesh.router.v1 import router_lease_pb2_grpc as lease_grpc
 from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
 from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc as tok_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
@@ -27,6 +29,8 @@ class ServedModel:
     ready_workers: int
     tokenizer_worker_url: str
     is_generation: bool = True
+    http_workers: int = 0  # > 0: requests select a worker by lease (HTTP workers in the fleet)
+    is_reranker: bool = False
 
 
 class Backends:
@@ -38,6 +42,12 @@ class Backends:
         self.tokenizer_channel = create_channel(config.tokenizer)
         self.scheduler = pb_grpc.SglangSchedulerStub(self.router_channel)
         self.router_admin = admin_grpc.RouterAdminServiceStub(self.router_channel)
+        self.router_leases = lease_grpc.RouterLeaseServiceStub(self.router_channel)
+        # Relayed HTTP (HTTP workers, --backend openai); never through a proxy for workers.
+        self.http = httpx.AsyncClient(
+            trust_env=config.backend == "openai", follow_redirects=False,
+            timeout=httpx.Timeout(config.upstream_timeout_secs, connect=10.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
         self.tokenizer = tok_grpc.TokenizerServiceStub(self.tokenizer_channel)
         self.history_channel = create_channel(config.history) if config.history else None
         self.history = (history_pb2_grpc.HistoryServiceStub(self.history_channel)
@@ -48,7 +58,32 @@ class Backends:
         self._loaded_tokenizers: set[str] = set()
         self._tokenizer_lock = asyncio.Lock()
 
+    @property
+    def provider(self) -> str:
+        """The provider's OpenAI base url with --backend openai, else ''."""
+        return self.config.worker_urls[0] if self.config.backend == "openai" else ""
+
+    def provider_headers(self) -> dict[str, str]:
+        key = self.config.provider_api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    async def _provider_models(self) -> dict[str, ServedModel]:
+        try:
+            reply = await self.http.get(f"{self.provider}/models", headers=self.provider_headers(),
+                                        timeout=10)
+        except httpx.HTTPError as exc:
+            raise OpenAIError(502, f"The provider did not answer GET /models: {exc!r}",
+                              code="upstream_unavailable") from exc
+        if reply.status_code != 200:
+            raise OpenAIError(502, f"The provider answered GET /models with HTTP "
+                                   f"{reply.status_code}", code="upstream_error")
+        data = reply.json().get("data") or []
+        return {m["id"]: ServedModel(m["id"], int(m.get("created") or 0),
+                                     int(m.get("max_model_len") or 0), 1, "", True, 1)
+                for m in data if isinstance(m, dict) and m.get("id")}
+
     async def close(self) -> None:
+        await self.http.aclose()
         for channel in (self.router_channel, self.tokenizer_channel, self.history_channel):
             if channel is not None:
                 await channel.close()
@@ -57,6 +92,10 @@ class Backends:
         """The router's models, cached for ``models_cache_secs``."""
         async with self._models_lock:
             if refresh or time.monotonic() - self._models_at > self.config.models_cache_secs:
+                if self.provider:
+                    self._models = await self._provider_models()
+                    self._models_at = time.monotonic()
+                    return self._models
                 try:
                     reply = await self.router_admin.ListModels(
                         admin_pb.ListModelsRequest(), timeout=10)
@@ -65,7 +104,7 @@ class Backends:
                 self._models = {
                     m.id: ServedModel(m.id, m.create_time.seconds, m.max_context_length,
                                       m.ready_worker_count, m.tokenizer_worker_url,
-                                      m.is_generation)
+                                      m.is_generation, m.http_worker_count, m.is_reranker)
                     for m in reply.models
                 }
                 self._models_at = time.monotonic()
@@ -75,6 +114,9 @@ class Backends:
         models = await self.models()
         if model_id not in models:
             models = await self.models(refresh=True)
+        if model_id not in models and self.provider:
+            # The provider may serve models its list does not name (aliases): let it decide.
+            return ServedModel(model_id, 0, 0, 1, "", True, 1)
         if model_id not in models:
             raise OpenAIError(404, f"The model `{model_id}` does not exist.", param="model",
                               code="model_not_found")

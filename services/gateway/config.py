@@ -10,6 +10,7 @@ from services.common.config import ServiceConfig, option
 
 # Short aliases the issue promises next to the generated SGLMESH_GATEWAY_* names.
 API_KEYS_ENV = "SGLMESH_API_KEYS"
+BACKENDS = ("sglmesh", "openai")
 
 
 @dataclass
@@ -41,6 +42,23 @@ class GatewayConfig(ServiceConfig):
         "", help="Reasoning parser (deepseek-r1, qwen3); empty: none. Its output is "
                  "reasoning_content unless the request sets separate_reasoning=false.")
     retry_after_secs: int = option(1, help="Retry-After sent with 429 and 503 answers.")
+    backend: str = option(
+        "sglmesh", help="sglmesh: serve models through the router (gRPC and HTTP workers). "
+                        "openai: proxy chat, completions, embeddings and responses to one "
+                        "external OpenAI-compatible provider (--worker-urls); conversations, "
+                        "stored responses and previous_response_id chains stay in sglmesh's "
+                        "history.", metadata={"choices": BACKENDS})
+    worker_urls: list[str] = option(
+        [], help="--backend openai: the provider's OpenAI base url, e.g. "
+                 "https://api.example.com/v1 (exactly one).")
+    provider_api_key: str = option(
+        "", help="--backend openai: the provider's API key (sent as Authorization: Bearer); "
+                 "prefer the env var SGLMESH_GATEWAY_PROVIDER_API_KEY.")
+    provider_max_retries: int = option(
+        2, help="--backend openai: retries of a provider request that failed before any byte "
+                "was relayed (connection error, 408, 429, 5xx).")
+    upstream_timeout_secs: float = option(
+        600.0, help="Read timeout of relayed HTTP requests (HTTP workers, provider).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +78,21 @@ class GatewayConfig(ServiceConfig):
             raise ValueError("--max-payload-size must be positive")
         if self.history_timeout_secs <= 0:
             raise ValueError("--history-timeout-secs must be positive")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}")
+        if self.backend == "openai":
+            if len(self.worker_urls) != 1 or not self.worker_urls[0].startswith(
+                    ("http://", "https://")):
+                raise ValueError("--backend openai needs exactly one --worker-urls "
+                                 "http(s)://provider/v1")
+            self.worker_urls = [self.worker_urls[0].rstrip("/")]
+        elif self.worker_urls:
+            raise ValueError("--worker-urls is for --backend openai; register workers with the "
+                             "router (--worker-urls there, or POST /workers)")
+        if self.provider_max_retries < 0:
+            raise ValueError("--provider-max-retries must be >= 0")
+        if self.upstream_timeout_secs <= 0:
+            raise ValueError("--upstream-timeout-secs must be positive")
 
 
 def expand_aliases(argv: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
 from services.gateway.dashboard import install_dashboard
 from services.gateway.errors import OpenAIError, invalid
+from services.gateway.http_backends import install_http_backends
 from services.gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -266,6 +267,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app = FastAPI(title="sglmesh gateway", version="1", lifespan=lifespan, docs_url=None,
                   redoc_url=None,
                   description="OpenAI-compatible HTTP API over the sglmesh gRPC services.")
+    # HTTP workers and --backend openai: relayed inside authentication (added first: innermost).
+    install_http_backends(app, state, config)
     # Outermost first: telemetry (request id, span) wraps authentication.
     app.add_middleware(AuthMiddleware, api_keys=config.api_keys)
     app.add_middleware(TelemetryMiddleware)

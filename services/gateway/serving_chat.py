@@ -36,11 +36,13 @@ from services.gateway.protocol import (
     Usage,
 )
 from services.gateway.schema import check_json_schema
+from services.gateway.upstreams import PINNED_WORKER, HttpGeneration, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 MODEL_KEY = "x-sglmesh-model"
 REQUEST_ID_KEY = "x-request-id"
+TARGET_WORKER_KEY = "x-sglmesh-target-worker"
 # The decoder needs a few prompt tokens of context for the first output token's spacing.
 PROMPT_CONTEXT_TOKENS = 8
 
@@ -128,9 +130,15 @@ class Generation:
     # tokenizer still trims them and parses tools/reasoning over the whole output).
     lockstep: bool = True
     result: GenerationResult = field(default_factory=GenerationResult)
+    # A gRPC worker a lease chose (mixed gRPC + HTTP fleets); "" lets the router's policy pick.
+    target_worker: str = ""
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        metadata = ((MODEL_KEY, self.model.id), (REQUEST_ID_KEY, self.request_id))
+        metadata: tuple[tuple[str, str], ...] = (
+            (MODEL_KEY, self.model.id), (REQUEST_ID_KEY, self.request_id))
+        target = self.target_worker or PINNED_WORKER.get()
+        if target:
+            metadata += ((TARGET_WORKER_KEY, target),)
         decode_call = self.backends.tokenizer.DecodeStream(metadata=metadata)
         generate_call = self.backends.scheduler.Generate(self.generate_request, metadata=metadata)
         completed = False
@@ -438,6 +446,7 @@ class ChatCompletionService:
         self.backends = backends
         self.tool_call_parser = tool_call_parser
         self.reasoning_parser = reasoning_parser
+        self.pool = UpstreamPool(backends)  # HTTP workers (leases) and --backend openai
 
     @staticmethod
     def check_supported(request: ChatCompletionRequest) -> None:
@@ -449,12 +458,15 @@ class ChatCompletionService:
                 if not key.lstrip("-").isdigit():
                     raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
 
-    async def prepare(self, request: ChatCompletionRequest, request_id: str
-                      ) -> tuple[list[Generation], int]:
+    async def prepare(self, request: ChatCompletionRequest, request_id: str,
+                      target_worker: str = "") -> tuple[list[Generation], int]:
         self.check_supported(request)
         tools = check_tools(request)
         constraint = constraint_of(request)
         model = await self.backends.model(request.model)
+        target_worker = target_worker or PINNED_WORKER.get()
+        if (self.backends.provider or model.http_workers) and not target_worker:
+            return self._http_generations(request, request_id, model), 0
         await self.backends.ensure_tokenizer(model)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         try:
@@ -537,8 +549,28 @@ class ChatCompletionService:
             )
             generations.append(Generation(
                 self.backends, rid, model, generate, start, index=index,
-                constraint_param=constraint[2] if constraint else "response_format"))
+                constraint_param=constraint[2] if constraint else "response_format",
+                target_worker=target_worker))
         return generations, len(prompt_ids)
+
+    def _http_generations(self, request: ChatCompletionRequest, request_id: str,
+                          model: ServedModel) -> list[Generation]:
+        """The request on an HTTP upstream (a lease picks the worker per generation; a gRPC
+        pick falls back to this pipeline pinned to it). Only what the client set is sent."""
+        body = request.model_dump(exclude_unset=True, exclude_none=True)
+        body["n"] = 1
+        single = request.model_copy(update={"n": 1})
+        out = []
+        for index in range(request.n):
+            rid = request_id if request.n == 1 else f"{request_id}-{index}"
+
+            async def on_grpc(url: str, rid: str = rid, index: int = index) -> Generation:
+                generations, _ = await self.prepare(single, rid, target_worker=url)
+                generations[0].index = index
+                return generations[0]
+
+            out.append(HttpGeneration(self.pool, model, body, rid, on_grpc, index=index))
+        return out  # type: ignore[return-value]
 
     async def complete(self, request: ChatCompletionRequest, request_id: str
                        ) -> ChatCompletionResponse:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
+from sglmesh.router.v1 import router_lease_pb2_grpc as lease_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.grpc_server import GrpcServer, wait_for_shutdown
 from services.common.service import main_for
 from services.router.config import RouterConfig, merge_repeated_flags
 from services.router.router import Router
-from services.router.server import RouterAdmin, SchedulerProxy
+from services.router.server import RouterAdmin, RouterLeases, SchedulerProxy
 
 
 async def serve(config: RouterConfig) -> None:
@@ -19,6 +20,8 @@ async def serve(config: RouterConfig) -> None:
                        "sglang.grpc.scheduler.SglangScheduler")
     server.add_service(admin_grpc.add_RouterAdminServiceServicer_to_server, RouterAdmin(router),
                        "sglmesh.router.v1.RouterAdminService")
+    server.add_service(lease_grpc.add_RouterLeaseServiceServicer_to_server, RouterLeases(router),
+                       "sglmesh.router.v1.RouterLeaseService")
     await server.start()
     await router.start()
     await server.set_serving(True)

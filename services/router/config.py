@@ -54,7 +54,10 @@ class RouterConfig(ServiceConfig):
 
     service_name: ClassVar[str] = "router"
 
-    worker_urls: list[str] = option([], help="Workers to register at start-up (grpc://host:port).")
+    worker_urls: list[str] = option(
+        [], help="Workers to register at start-up: grpc://host:port (SGLang --grpc-mode, sglmesh "
+                 "workers) or http://host:port (an SGLang HTTP server or any OpenAI-compatible "
+                 "server; the gateway relays its requests under a lease).")
     policy: str = option("cache_aware", help="Load-balancing policy (SMG's default: "
                                              "cache_aware; precise when workers publish KV "
                                              "events, else approximate).",
@@ -112,6 +115,12 @@ class RouterConfig(ServiceConfig):
     max_idle_secs: float = option(
         14400.0, help="manual: a routing key idle this long forgets its worker.")
     health_check_interval_secs: float = option(10.0, help="Seconds between health checks.")
+    health_check_endpoint: str = option(
+        "/health", help="HTTP workers: the health probe path (/health_generate: SGLang's deep "
+                        "check, a one-token generation).")
+    lease_timeout_secs: float = option(
+        900.0, help="HTTP workers: a lease the gateway has not released after this many seconds "
+                    "is dropped (its load and admission slot freed).")
     health_check_timeout_secs: float = option(
         10.0, help="Seconds a deep HealthCheck may take before it counts as a failure.")
     health_success_threshold: int = option(
@@ -219,6 +228,8 @@ class RouterConfig(ServiceConfig):
             raise ValueError("--eviction-interval-secs must be positive")
         if self.prefix_token_count < 1:
             raise ValueError("--prefix-token-count must be >= 1")
+        if self.lease_timeout_secs <= 0:
+            raise ValueError("--lease-timeout-secs must be positive")
         if self.load_monitor_interval <= 0:
             raise ValueError("--load-monitor-interval must be positive")
 

@@ -30,11 +30,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SelectionInfo:
-    """What a policy may look at besides the workers."""
+    """What a policy may look at besides the workers.
+
+    ``token_ids`` when the request was tokenized (the gRPC data plane); ``text`` when it was
+    not (requests the gateway relays to HTTP workers, SMG's ``request_text``): cache_aware then
+    matches characters in a per-model text tree, prefix_hash hashes the text's head."""
 
     token_ids: Sequence[int] = field(default=())
     routing_key: str = ""
     request_id: str = ""
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,8 @@ class PrefixHashPolicy(ConsistentHashingPolicy):
 
     def key_of(self, info: SelectionInfo) -> bytes | None:
         if not info.token_ids:
-            return None
+            # Untokenized (HTTP workers): ~4 characters a token, as SMG.
+            return info.text[: 4 * self.config.prefix_token_count].encode() or None
         head = array("I", info.token_ids[: self.config.prefix_token_count])
         return head.tobytes()
 
@@ -282,9 +288,11 @@ class CacheAwarePolicy(PolicyBase):
     """SMG's cache_aware.
 
     Approximate mode (no KV events): one token radix tree per model records which worker was
-    sent which prompt. ``match_rate = matched / len(prompt)``; above ``cache_threshold`` the
-    least-loaded worker among those holding the match is chosen, else (a miss) the least-loaded
-    worker of all. Then the per-request spill gate (SMG 1.13): if the choice's load exceeds
+    sent which prompt (a second, character tree holds requests that carry text instead of
+    token ids: HTTP workers, whose prompts the gateway never tokenizes).
+    ``match_rate = matched / len(prompt)``; above ``cache_threshold`` the least-loaded worker
+    among those holding the match is chosen, else (a miss) the least-loaded worker of all.
+    Then the per-request spill gate (SMG 1.13): if the choice's load exceeds
     ``balance_rel_threshold`` x mean *and* mean + ``balance_abs_threshold``, the least-loaded
     worker takes it instead (and becomes a new holder of the prefix). The prompt is then
     inserted for the chosen worker. ``maintenance`` evicts LRU entries down to
@@ -305,6 +313,9 @@ class CacheAwarePolicy(PolicyBase):
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(config, rng)
         self.tree = RadixTree()
+        # Character tree for requests that carry text, not token ids (HTTP workers; SMG's
+        # StringTree): same structure, keyed by Unicode code points.
+        self.text_tree = RadixTree()
         self.kv_index: KvIndex | None = None
         self.stats = CacheAwareStats()
         self._clock = clock
@@ -313,9 +324,13 @@ class CacheAwarePolicy(PolicyBase):
         if not workers:
             return None
         tokens = array("I", info.token_ids)
+        tree = self.tree
+        index = self.kv_index
+        if not tokens and info.text:
+            tokens.frombytes(info.text.encode("utf-32-le"))  # code points
+            tree, index = self.text_tree, None  # KV events index tokens, not text
         if not tokens:
             return least_loaded(workers)
-        index = self.kv_index
         live = index.live_urls if index is not None else frozenset()
         tree_scores: dict[str, int] | None = None
         if live:
@@ -324,7 +339,7 @@ class CacheAwarePolicy(PolicyBase):
             assert index is not None
             scores = index.match(tokens)
         else:
-            match = self.tree.prefix_match(tokens)
+            match = tree.prefix_match(tokens)
             scores = dict.fromkeys(match.tenants, match.matched)
         # One pass: the best (score desc, load, processed), the least loaded, the total load.
         best = lightest = workers[0]
@@ -338,7 +353,7 @@ class CacheAwarePolicy(PolicyBase):
                 score = scores.get(url, 0)
             else:
                 if tree_scores is None:
-                    tree_scores = self.tree.match_per_tenant(tokens)
+                    tree_scores = tree.match_per_tenant(tokens)
                 score = tree_scores.get(url, 0)
             if score > best_score or (score == best_score and (
                     load < best.in_flight or (load == best.in_flight
@@ -364,14 +379,16 @@ class CacheAwarePolicy(PolicyBase):
             chosen = lightest
         if not live or chosen.url not in live:
             # The tree stands in for events the chosen worker does not publish.
-            self.tree.insert(tokens, chosen.url, self._clock())
+            tree.insert(tokens, chosen.url, self._clock())
         return chosen
 
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)
+        self.text_tree.remove_tenant(worker.url)
 
     def maintenance(self) -> None:
         self.tree.evict(self.config.max_tree_size)
+        self.text_tree.evict(self.config.max_tree_size)  # characters, as SMG
 
 
 _POLICIES: dict[str, type[PolicyBase]] = {

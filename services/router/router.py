@@ -25,9 +25,11 @@ from services.router.admission import Admission, auto_max_concurrent
 from services.router.config import RouterConfig
 from services.router.discovery import Action as DiscoveryAction
 from services.router.discovery import KubernetesDiscovery, PodReconciler, parse_selector
+from services.router.http_client import HttpWorkerClient
 from services.router.jobs import Job, JobKind, JobQueue
 from services.router.kv_index import KvIndex
 from services.router.kv_sync import KvSubscription
+from services.router.leases import Lease, LeaseTable, Release
 from services.router.policies import (
     CacheAwarePolicy,
     LoadBalancingPolicy,
@@ -42,8 +44,9 @@ from services.router.resilience import (
     backoff_secs,
     classify,
 )
+from services.router.resilience import is_retryable as is_retryable_code
 from services.router.worker_client import WorkerClient
-from services.router.workers import Health, Worker, WorkerRegistry, WorkerType
+from services.router.workers import ConnectionMode, Health, Worker, WorkerRegistry, WorkerType
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sglmesh.router")
@@ -61,8 +64,15 @@ def split_host_port(url: str) -> tuple[str, int]:
 
 
 def normalize_url(url: str) -> str:
-    """One spelling per worker: ``grpc://host:port``."""
+    """One spelling per worker: ``grpc://host:port``; HTTP workers keep their ``http://`` or
+    ``https://`` url (without a trailing slash)."""
+    if url.startswith(("http://", "https://")):
+        return url.rstrip("/")
     return "grpc://" + strip_scheme(url)
+
+
+GRPC_ONLY: frozenset[ConnectionMode] = frozenset({ConnectionMode.GRPC})
+ANY_MODE: frozenset[ConnectionMode] = frozenset(ConnectionMode)
 
 
 def _apply_server_args(worker: Worker, args: dict[str, object]) -> None:
@@ -121,13 +131,14 @@ class DispatchState:
 
 class Router:
     def __init__(self, config: RouterConfig,
-                 client_factory: Callable[[str], WorkerClient] = WorkerClient,
+                 client_factory: Callable[[str], WorkerClient] | None = None,
                  rng: random.Random | None = None, kube_api: object = None) -> None:
         self.config = config
+        self.leases = LeaseTable(config.retry, config.lease_timeout_secs)
         self._kube_api = kube_api  # a kubernetes CoreV1Api (tests); None = in-cluster/kubeconfig
         self.registry = WorkerRegistry()
         self.jobs = JobQueue()
-        self._client_factory = client_factory
+        self._client_factory = client_factory or self._default_client
         self._clients: dict[str, WorkerClient] = {}
         self._policies: dict[tuple[str, WorkerType], LoadBalancingPolicy] = {}
         self._in_flight: dict[str, list[Worker]] = {}
@@ -142,6 +153,13 @@ class Router:
                             else config.max_concurrent_requests),
             queue_size=config.queue_size, queue_timeout=config.queue_timeout_secs,
             rate=config.rate_limit_tokens_per_second)
+
+    def _default_client(self, url: str) -> WorkerClient:
+        """The client for a worker url: gRPC, or HTTP for ``http(s)://`` urls."""
+        if ConnectionMode.of_url(url) is ConnectionMode.HTTP:
+            return HttpWorkerClient(  # type: ignore[return-value]
+                url, self.config.health_check_endpoint)
+        return WorkerClient(url)
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -161,6 +179,7 @@ class Router:
             self.discovery.start()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
         self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="router-evict"))
+        self._tasks.append(asyncio.create_task(self._lease_loop(), name="router-leases"))
         if not self.config.disable_load_monitoring:
             self._tasks.append(asyncio.create_task(self._load_loop(), name="router-loads"))
 
@@ -235,13 +254,15 @@ class Router:
             card.model_id = model_id
         server_args = await client.server_info(timeout=self.config.health_check_timeout_secs)
         worker = Worker(url=url, card=card, worker_type=worker_type, labels=labels,
-                        bootstrap_port=bootstrap_port, breaker=self._new_breaker(url))
+                        bootstrap_port=bootstrap_port, breaker=self._new_breaker(url),
+                        connection_mode=ConnectionMode.of_url(url))
         _apply_server_args(worker, server_args)
         worker_type = worker.worker_type
         self.registry.add(worker)
         self._clients[url] = client
         policy = self.policy_for(card.model_id, worker_type)
-        if isinstance(policy, CacheAwarePolicy) and not self.config.disable_kv_events:
+        if (isinstance(policy, CacheAwarePolicy) and not self.config.disable_kv_events
+                and worker.connection_mode is ConnectionMode.GRPC):
             self._start_kv(worker, policy, server_args.get("kv_events"))
         await self._check(worker)
         log.info("registered %s serving %s (%s)", url, card.model_id, worker.health.value)
@@ -320,11 +341,14 @@ class Router:
 
     def select(self, model: str, info: SelectionInfo, target_url: str = "",
                worker_type: WorkerType = WorkerType.REGULAR,
-               exclude: frozenset[str] | set[str] = frozenset()) -> Worker:
+               exclude: frozenset[str] | set[str] = frozenset(),
+               modes: frozenset[ConnectionMode] = GRPC_ONLY) -> Worker:
         """The worker for one request, or a ServiceError saying why there is none.
 
         Only routable workers (healthy, breaker not open) of the model and leg are offered to
         the policy; ``exclude`` (urls already tried) is honoured while another worker remains.
+        ``modes``: the connection modes the caller can reach (the gRPC data plane: gRPC only;
+        leases: any).
         """
         if target_url:
             worker = self.registry.get(normalize_url(target_url))
@@ -332,11 +356,17 @@ class Router:
                 raise ServiceError(ErrorCode.NOT_FOUND, "WORKER_NOT_FOUND",
                                    f"target worker {target_url!r} is not registered",
                                    {"worker": target_url}, DOMAIN)
+            if worker.connection_mode not in modes:
+                raise ServiceError(ErrorCode.INVALID_ARGUMENT, "HTTP_WORKER",
+                                   f"target worker {worker.url} is an HTTP worker: the gateway "
+                                   "reaches it under a lease (RouterLeaseService)",
+                                   {"worker": worker.url}, DOMAIN)
             return worker
         model_id = self.resolve_model(model)
         ready = Health.READY
         candidates = [w for w in self.registry.for_model(model_id)
                       if w.health is ready and w.worker_type is worker_type
+                      and w.connection_mode in modes
                       and (w.breaker.closed or w.breaker.allows())]
         if exclude:
             fresh = [w for w in candidates if w.url not in exclude]
@@ -351,6 +381,8 @@ class Router:
                 metrics.SELECTIONS.labels(worker.url, policy.name).inc()
         if worker is None:
             leg = "" if worker_type is WorkerType.REGULAR else f" {worker_type.value}"
+            if modes != ANY_MODE:
+                leg += "".join(f" {m.value}" for m in modes)
             raise ServiceError(ErrorCode.UNAVAILABLE, "NO_HEALTHY_WORKER",
                                f"no healthy{leg} worker serves model {model_id!r}",
                                {"model": model_id}, DOMAIN)
@@ -560,6 +592,73 @@ class Router:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    # leases (HTTP workers: the gateway relays, the router selects and accounts) -----------
+
+    async def acquire_lease(self, model: str, info: SelectionInfo, attempt: int = 0,
+                            exclude: frozenset[str] | set[str] = frozenset(),
+                            target_url: str = "") -> Lease:
+        """Admission, then the model's policy over every routable worker (gRPC and HTTP alike);
+        the worker then carries the request as in-flight load until :meth:`release_lease`."""
+        permit = await self.admission.acquire()
+        if permit.waited:
+            metrics.ADMISSION_WAIT.observe(permit.waited)
+        try:
+            worker = self.select(model, info, target_url, self.default_leg, exclude, ANY_MODE)
+        except BaseException:
+            permit.release()
+            raise
+        lease = self.leases.open(worker, worker.model_id, info.request_id, attempt, permit,
+                                 pinned=bool(target_url))
+        self.begin_request(info.request_id, worker)
+        return lease
+
+    def release_lease(self, lease_id: str, code: str, relayed: bool, message: str = ""
+                      ) -> Release:
+        closed = self.leases.close(lease_id, code or "OK", relayed)
+        if closed is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, "LEASE_NOT_FOUND",
+                               f"lease {lease_id!r} is not held (released or expired)",
+                               {"lease": lease_id}, DOMAIN)
+        lease, release = closed
+        self._account_lease(lease, code or "OK", release, message)
+        return release
+
+    def _account_lease(self, lease: Lease, code: str, release: Release, message: str) -> None:
+        worker = lease.worker
+        self.end_request(lease.request_id, worker)
+        if not release.final and not release.retry:
+            return  # handed back unused: the request goes on through the data plane
+        metrics.CB_OUTCOMES.labels(worker.url, release.outcome.value).inc()
+        if code != "OK":
+            metrics.WORKER_ERRORS.labels(worker.url, code).inc()
+        if release.retry:
+            log.info("request %s: attempt %d on %s failed (%s %s), retrying", lease.request_id,
+                     lease.attempt + 1, worker.url, code, message)
+            metrics.RETRIES.labels(worker.url).inc()
+            metrics.RETRY_BACKOFF.observe(release.backoff)
+            return
+        mode = worker.connection_mode.value
+        metrics.REQUESTS.labels(lease.model_id, mode, code).inc()
+        metrics.DURATION.labels(lease.model_id).observe(time.monotonic() - lease.start)
+        if code != "OK":
+            metrics.REQUEST_ERRORS.labels(lease.model_id, code).inc()
+            if lease.attempt and is_retryable_code(code):
+                metrics.RETRIES_EXHAUSTED.labels(lease.model_id).inc()
+
+    def expire_leases(self) -> int:
+        gone = self.leases.expired()
+        for lease in gone:
+            try:
+                self.release_lease(lease.id, "CANCELLED", relayed=True, message="expired")
+            except ServiceError:
+                pass
+        return len(gone)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, max(0.5, self.config.lease_timeout_secs / 4)))
+            self.expire_leases()
 
     def begin_request(self, request_id: str, worker: Worker) -> None:
         if request_id:

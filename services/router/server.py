@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from sglmesh.router.v1 import router_admin_pb2 as admin_pb
 from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
+from sglmesh.router.v1 import router_lease_pb2 as lease_pb
+from sglmesh.router.v1 import router_lease_pb2_grpc as lease_grpc
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
@@ -20,7 +22,7 @@ from services.router.jobs import Job, JobKind, JobState
 from services.router.policies import SelectionInfo
 from services.router.resilience import CircuitState
 from services.router.router import DOMAIN, DispatchState, RequestHints, Router
-from services.router.workers import Health, Worker, WorkerType
+from services.router.workers import ConnectionMode, Health, Worker, WorkerType
 
 # Routing hints (see proto/sglmesh/router/v1/router_admin.proto).
 MODEL_KEY = "x-sglmesh-model"
@@ -142,6 +144,8 @@ _WORKER_TYPE_IN = {v: k for k, v in _WORKER_TYPE.items()}
 _CIRCUIT = {CircuitState.CLOSED: admin_pb.CIRCUIT_STATE_CLOSED,
             CircuitState.OPEN: admin_pb.CIRCUIT_STATE_OPEN,
             CircuitState.HALF_OPEN: admin_pb.CIRCUIT_STATE_HALF_OPEN}
+_CONNECTION_MODE = {ConnectionMode.GRPC: admin_pb.CONNECTION_MODE_GRPC,
+                    ConnectionMode.HTTP: admin_pb.CONNECTION_MODE_HTTP}
 _JOB_KIND = {JobKind.ADD_WORKER: admin_pb.JOB_KIND_ADD_WORKER,
              JobKind.REMOVE_WORKER: admin_pb.JOB_KIND_REMOVE_WORKER}
 _JOB_STATE = {JobState.PENDING: admin_pb.JOB_STATE_PENDING, JobState.RUNNING: admin_pb.JOB_STATE_RUNNING,
@@ -151,7 +155,7 @@ _JOB_STATE = {JobState.PENDING: admin_pb.JOB_STATE_PENDING, JobState.RUNNING: ad
 def worker_to_proto(worker: Worker) -> admin_pb.Worker:
     return admin_pb.Worker(
         url=worker.url, model_id=worker.model_id, worker_type=_WORKER_TYPE[worker.worker_type],
-        connection_mode=admin_pb.CONNECTION_MODE_GRPC, health=_HEALTH[worker.health],
+        connection_mode=_CONNECTION_MODE[worker.connection_mode], health=_HEALTH[worker.health],
         health_message=worker.health_message, circuit_state=_CIRCUIT[worker.breaker.state],
         in_flight_requests=worker.in_flight, processed_requests=worker.processed,
         dp_size=worker.dp_size, bootstrap_port=worker.bootstrap_port,
@@ -223,13 +227,19 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
         models = []
         for model_id, workers in sorted(self.router.registry.models().items()):
             ready = [w for w in workers if w.is_routable]
+            # The tokenizer comes from a gRPC worker (GetTokenizer); HTTP workers serve none.
+            grpc_workers = [w for w in workers if w.connection_mode is ConnectionMode.GRPC]
+            ready_grpc = [w for w in ready if w.connection_mode is ConnectionMode.GRPC]
+            tokenizer_from = (ready_grpc or grpc_workers or ready or workers)[0]
             models.append(admin_pb.Model(
                 id=model_id, worker_count=len(workers), ready_worker_count=len(ready),
                 max_context_length=max(w.card.max_context_length for w in workers),
                 policy=self.router.config.policy,
                 is_generation=workers[0].card.is_generation,
-                tokenizer_worker_url=(ready or workers)[0].url,
+                tokenizer_worker_url=tokenizer_from.url,
                 create_time=_timestamp(min(w.register_time for w in workers)),
+                http_worker_count=len(workers) - len(grpc_workers),
+                is_reranker=any(w.card.is_reranker for w in workers),
             ))
         return admin_pb.ListModelsResponse(models=models)
 
@@ -263,6 +273,12 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
                 raise not_found("worker", request.url, DOMAIN)
         results = []
         for worker in workers:
+            client = self.router.client(worker)
+            if worker.connection_mode is ConnectionMode.HTTP:
+                ok, message = await client.flush_cache(30)  # type: ignore[attr-defined]
+                results.append(admin_pb.FlushCacheResult(url=worker.url, success=ok,
+                                                         message=message))
+                continue
             try:
                 reply = await self.router.client(worker).stub.FlushCache(
                     common_pb2.FlushCacheRequest(), timeout=30)
@@ -274,4 +290,40 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
         return admin_pb.FlushCacheResponse(results=results)
 
 
-__all__ = ["SchedulerProxy", "RouterAdmin", "ServiceError"]
+class RouterLeases(lease_grpc.RouterLeaseServiceServicer):
+    """Worker leases: the gateway relays HTTP workers' requests, the router selects and accounts
+    (see proto/sglmesh/router/v1/router_lease.proto)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def AcquireWorker(self, request: lease_pb.AcquireWorkerRequest,
+                            context: grpc.aio.ServicerContext) -> lease_pb.AcquireWorkerResponse:
+        if request.attempt < 0:
+            raise invalid_argument("attempt", "attempt must be >= 0", domain=DOMAIN)
+        info = SelectionInfo(routing_key=request.routing_key, request_id=request.request_id,
+                             text=request.routing_text)
+        lease = await self.router.acquire_lease(
+            request.model_id, info, request.attempt, set(request.exclude_urls),
+            request.target_worker)
+        return lease_pb.AcquireWorkerResponse(lease=lease_pb.WorkerLease(
+            id=lease.id, url=lease.worker.url,
+            connection_mode=_CONNECTION_MODE[lease.worker.connection_mode],
+            model_id=lease.model_id, attempt=lease.attempt,
+            expire_time=_timestamp(time.time() + (lease.expires - time.monotonic()))))
+
+    async def ReleaseWorker(self, request: lease_pb.ReleaseWorkerRequest,
+                            context: grpc.aio.ServicerContext) -> lease_pb.ReleaseWorkerResponse:
+        if not request.id:
+            raise invalid_argument("id", "the lease id is required", domain=DOMAIN)
+        code = request.status_code or "OK"
+        if code not in grpc.StatusCode.__members__:
+            raise invalid_argument("status_code", f"unknown status code name {code!r}",
+                                   domain=DOMAIN)
+        release = self.router.release_lease(request.id, code, request.relayed, request.message)
+        backoff = duration_pb2.Duration()
+        backoff.FromNanoseconds(int(release.backoff * 1e9))
+        return lease_pb.ReleaseWorkerResponse(retry=release.retry, backoff=backoff)
+
+
+__all__ = ["SchedulerProxy", "RouterAdmin", "RouterLeases", "ServiceError"]

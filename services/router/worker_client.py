@@ -56,6 +56,8 @@ class WorkerClient:
             is_generation=info.is_generation,
             eos_token_ids=tuple(info.eos_token_ids),
             vocab_size=info.vocab_size,
+            architectures=tuple(info.architectures),
+            num_labels=info.num_labels,
         )
 
     async def server_info(self, timeout: float) -> dict[str, object]:

@@ -22,6 +22,21 @@ class Health(enum.Enum):
     NOT_READY = "not_ready"
 
 
+class ConnectionMode(enum.Enum):
+    """How the router reaches a worker: the one field that tells HTTP workers apart.
+
+    Policies, breakers, health, loads, admission and retries treat both alike; only the
+    transport differs (gRPC: the router relays ``Generate``; HTTP: the gateway relays the HTTP
+    request under a lease, see :mod:`services.router.leases`)."""
+
+    GRPC = "grpc"
+    HTTP = "http"
+
+    @classmethod
+    def of_url(cls, url: str) -> ConnectionMode:
+        return cls.HTTP if url.startswith(("http://", "https://")) else cls.GRPC
+
+
 class WorkerType(enum.Enum):
     REGULAR = "regular"
     PREFILL = "prefill"
@@ -37,6 +52,14 @@ class ModelCard:
     is_generation: bool = True
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int = 0
+    architectures: tuple[str, ...] = ()
+    num_labels: int = 0
+
+    @property
+    def is_reranker(self) -> bool:
+        """A cross-encoder: a non-generative sequence-classification model with one score."""
+        return not self.is_generation and (self.num_labels == 1 or any(
+            a.endswith("ForSequenceClassification") for a in self.architectures))
 
 
 @dataclass
@@ -60,6 +83,7 @@ class Worker:
     card: ModelCard
     worker_type: WorkerType = WorkerType.REGULAR
     labels: dict[str, str] = field(default_factory=dict)
+    connection_mode: ConnectionMode = ConnectionMode.GRPC
     health: Health = Health.PENDING
     health_message: str = ""
     register_time: float = field(default_factory=time.time)
@@ -116,6 +140,20 @@ class Worker:
                 self.in_flight -= 1
                 if ranked:
                     self.rank_in_flight[dp_rank] -= 1  # type: ignore[index]
+
+    def hold(self) -> None:
+        """Counts one in-flight request held by a lease (the gateway relays it)."""
+        with self._lock:
+            self.in_flight += 1
+            self.processed += 1
+
+    def unhold(self, served: bool = True) -> None:
+        """Ends :meth:`hold`; ``served=False`` (the lease was handed back unused) also takes the
+        request out of ``processed``."""
+        with self._lock:
+            self.in_flight -= 1
+            if not served:
+                self.processed -= 1
 
     def record_health(self, healthy: bool, message: str, success_threshold: int,
                       failure_threshold: int) -> bool:

@@ -132,7 +132,7 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., worker_url: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "worker_count", "ready_worker_count", "max_context_length", "policy", "is_generation", "tokenizer_worker_url", "create_time")
+    __slots__ = ("id", "worker_count", "ready_worker_count", "max_context_length", "policy", "is_generation", "tokenizer_worker_url", "create_time", "http_worker_count", "is_reranker")
     ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_COUNT_FIELD_NUMBER: _ClassVar[int]
     READY_WORKER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class Model(_message.Message):
     IS_GENERATION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_WORKER_URL_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HTTP_WORKER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    IS_RERANKER_FIELD_NUMBER: _ClassVar[int]
     id: str
     worker_count: int
     ready_worker_count: int
@@ -149,7 +151,9 @@ class Model(_message.Message):
     is_generation: bool
     tokenizer_worker_url: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., worker_count: _Optional[int] = ..., ready_worker_count: _Optional[int] = ..., max_context_length: _Optional[int] = ..., policy: _Optional[str] = ..., is_generation: _Optional[bool] = ..., tokenizer_worker_url: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    http_worker_count: int
+    is_reranker: bool
+    def __init__(self, id: _Optional[str] = ..., worker_count: _Optional[int] = ..., ready_worker_count: _Optional[int] = ..., max_context_length: _Optional[int] = ..., policy: _Optional[str] = ..., is_generation: _Optional[bool] = ..., tokenizer_worker_url: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., http_worker_count: _Optional[int] = ..., is_reranker: _Optional[bool] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("url", "in_flight_requests", "running_requests", "waiting_requests", "token_usage", "gen_throughput", "update_time")
