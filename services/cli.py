@@ -34,7 +34,7 @@ def _up(argv: list[str]) -> int:
                         help="History database URL (default: SQLite file ./sglmesh-history.db).")
     parser.add_argument("--history-backend", default="sql", choices=("sql", "memory", "none"),
                         help="Where conversations and stored responses live.")
-    parser.add_argument("--policy", default="round_robin", help="Router policy.")
+    parser.add_argument("--policy", default="cache_aware", help="Router policy.")
     parser.add_argument("--log-dir", type=Path, default=Path(".sglmesh") / "logs",
                         help="One log file per service.")
     parser.add_argument("--log-level", default="info", help="Log level of every service.")

@@ -11,7 +11,7 @@ from services.router.config import RouterConfig
 def test_defaults() -> None:
     config = parse_config(RouterConfig, [], env={})
     assert config.host == "127.0.0.1"
-    assert config.policy == "round_robin"
+    assert config.policy == "cache_aware"  # SMG's default
     assert config.worker_urls == []
 
 
