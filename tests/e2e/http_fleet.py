@@ -47,8 +47,9 @@ def wait_http(url: str, proc: ServiceProcess, path: str = "/liveness",
 
 
 @contextmanager
-def gateway_proc(*args: str) -> Iterator[tuple[str, ServiceProcess]]:
-    proc = ServiceProcess("gateway", list(args), wait_ready=False)
+def gateway_proc(*args: str, env: dict[str, str] | None = None
+                 ) -> Iterator[tuple[str, ServiceProcess]]:
+    proc = ServiceProcess("gateway", list(args), env=env, wait_ready=False)
     proc.start()
     url = f"http://127.0.0.1:{proc.port}"
     try:
@@ -58,15 +59,19 @@ def gateway_proc(*args: str) -> Iterator[tuple[str, ServiceProcess]]:
         proc.stop()
 
 
-def gateway(stack: ExitStack, *args: str) -> tuple[str, ServiceProcess]:
-    return stack.enter_context(gateway_proc(*args))
+def gateway(stack: ExitStack, *args: str, env: dict[str, str] | None = None
+            ) -> tuple[str, ServiceProcess]:
+    return stack.enter_context(gateway_proc(*args, env=env))
 
 
-def wait_workers(gateway_url: str, count: int, timeout: float = 60.0) -> list[dict]:
+def wait_workers(gateway_url: str, count: int, timeout: float = 60.0, key: str = ""
+                 ) -> list[dict]:
     """Waits until the gateway's router lists ``count`` ready workers."""
     deadline = time.monotonic() + timeout
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     while True:
-        workers = httpx.get(f"{gateway_url}/workers", trust_env=False, timeout=5).json()
+        workers = httpx.get(f"{gateway_url}/workers", trust_env=False, timeout=5,
+                            headers=headers).json()
         workers = workers.get("workers", [])
         if sum(w.get("health") == "WORKER_HEALTH_READY" for w in workers) >= count:
             return workers
