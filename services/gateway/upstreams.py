@@ -100,6 +100,12 @@ def routing_text(kind: str, body: dict[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
+def without_store(body: dict[str, Any]) -> dict[str, Any]:
+    """The body an upstream gets: ``store`` is sglmesh's business (history), never the
+    provider's (it would keep a copy of the conversation)."""
+    return {k: v for k, v in body.items() if k != "store"}
+
+
 @dataclass
 class Upstream:
     """Where one attempt goes: an HTTP worker under a lease, a gRPC worker (pin), a provider."""
@@ -303,7 +309,7 @@ class HttpGeneration:
         self.lockstep = True
         self.result: GenerationResult = GenerationResult()
         self._grpc_fallback = grpc_fallback
-        body = {k: v for k, v in body.items() if k != "store"}  # store is sglmesh's business
+        body = without_store(body)
         body.update(stream=True, stream_options={"include_usage": True})
         self.body = body
 
@@ -438,8 +444,8 @@ class UpstreamMiddleware:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         routing_key = next((headers[h] for h in ROUTING_KEY_HEADERS if headers.get(h)), "")
         backends = self.backends()
-        if backends.provider and kind == "chat" and "store" in data:
-            data = {k: v for k, v in data.items() if k != "store"}
+        if backends.provider and "store" in data:
+            data = without_store(data)
             body = json.dumps(data).encode()
         pool = self.pool()
         try:
