@@ -410,7 +410,7 @@ class UpstreamMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = RELAYED.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if kind is None or scope["method"] != "POST":
+        if kind is None or scope["method"] != "POST" or not await self._relaying():
             await self.app(scope, receive, send)
             return
         chunks, size, more = [], 0, True
@@ -464,6 +464,18 @@ class UpstreamMiddleware:
         except OpenAIError as exc:
             response = _json_error(exc, request_id)
         await response(scope, replay, send)
+
+    async def _relaying(self) -> bool:
+        """Whether any request may be relayed: a provider, or a model with HTTP workers (from
+        the cached model list). A gRPC-only fleet's requests pass through unread."""
+        backends = self.backends()
+        if backends.provider:
+            return True
+        try:
+            models = await backends.models()
+        except OpenAIError:
+            return False  # the facade reports the router's state
+        return any(m.http_workers for m in models.values())
 
     async def _decide(self, kind: str, body: bytes, size: int
                       ) -> tuple[str, dict[str, Any]] | None:
