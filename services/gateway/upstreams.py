@@ -356,9 +356,9 @@ class HttpGeneration:
                     details = usage.get("prompt_tokens_details") or {}
                     self.result.cached_tokens = details.get("cached_tokens") or 0
                 for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
+                    piece = choice.get("delta") or {}
                     calls = []
-                    for call in delta.get("tool_calls") or []:
+                    for call in piece.get("tool_calls") or []:
                         fn = call.get("function") or {}
                         index = int(call.get("index", 0))
                         first = index not in called
@@ -369,7 +369,7 @@ class HttpGeneration:
                     if calls:
                         self.result.tool_calls = max(self.result.tool_calls, len(called))
                     logprobs = (choice.get("logprobs") or {}).get("content") or []
-                    out = Delta(delta.get("content") or "", delta.get("reasoning_content") or "",
+                    out = Delta(piece.get("content") or "", piece.get("reasoning_content") or "",
                                 calls, logprobs, index=self.index)
                     if choice.get("finish_reason"):
                         reason = choice["finish_reason"]
