@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
             create_app(config), host=config.host, port=config.port, loop="uvloop",
             log_level="warning" if config.log_level == "info" else config.log_level,
             access_log=config.log_level == "debug",
-            timeout_graceful_shutdown=config.graceful_shutdown_secs,
+            timeout_graceful_shutdown=round(config.graceful_shutdown_secs),
         )
     finally:
         shutdown_tracing()
