@@ -105,6 +105,10 @@ class RouterConfig(ServiceConfig):
         1.5, help="cache_aware: ... and more than this times the mean in flight.")
     max_tree_size: int = option(
         2 ** 26, help="cache_aware: tokens kept in each model's radix tree (LRU eviction).")
+    selection_accounting_ttl_ms: float = option(
+        2000.0, help="cache_aware precise: how long a dispatched prompt counts as cached on its "
+                     "worker before the worker's KV event reports it (0 disables; SMG's flag, "
+                     "whose default is 0).")
     eviction_interval_secs: float = option(
         60.0, help="cache_aware: seconds between radix-tree evictions.")
     prefix_token_count: int = option(256, help="prefix_hash: leading tokens hashed.")
@@ -242,7 +246,8 @@ class RouterConfig(ServiceConfig):
             prefix_token_count=self.prefix_token_count,
             prefix_hash_load_factor=self.prefix_hash_load_factor,
             prefix_hash_balance_abs_threshold=self.prefix_hash_balance_abs_threshold,
-            max_idle_secs=self.max_idle_secs)
+            max_idle_secs=self.max_idle_secs,
+            selection_accounting_ttl_ms=self.selection_accounting_ttl_ms)
 
     @property
     def retry(self) -> RetryConfig:

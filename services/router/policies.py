@@ -14,13 +14,16 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import math
 import random
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from services.router.kv_index import prompt_chain
 from services.router.radix_tree import RadixTree
 from services.router.workers import Worker
 
@@ -55,6 +58,7 @@ class PolicyConfig:
     prefix_hash_load_factor: float = 1.25
     prefix_hash_balance_abs_threshold: float = 10
     max_idle_secs: float = 4 * 3600.0
+    selection_accounting_ttl_ms: float = 2000.0
 
 
 class LoadBalancingPolicy(Protocol):
@@ -284,6 +288,65 @@ class CacheAwareStats:
     spills: int = 0
 
 
+class DispatchBookings:
+    """Prompt blocks dispatched to a worker whose KV events have not reported them yet.
+
+    A request's prefix is cached on its worker as soon as it prefills, but the event arrives
+    only afterwards; without bookings, a burst of requests sharing a new prefix is spread over
+    the fleet as misses. A booking lasts ``ttl`` seconds (SMG's --selection-accounting-ttl-ms),
+    long enough for the engine's own event to take over.
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._holders: dict[int, dict[str, float]] = {}  # chain hash -> url -> expiry
+        self._expiries: deque[tuple[float, int, str]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def _expire(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            _, chash, url = self._expiries.popleft()
+            holders = self._holders.get(chash)
+            if holders is not None and holders.get(url, now + 1) <= now:
+                del holders[url]
+                if not holders:
+                    del self._holders[chash]
+
+    def book(self, url: str, chain: Sequence[int]) -> None:
+        if self.ttl <= 0:
+            return
+        expiry = self._clock() + self.ttl
+        for chash in chain:
+            self._holders.setdefault(chash, {})[url] = expiry
+            self._expiries.append((expiry, chash, url))
+
+    def match(self, chain: Sequence[int], block_size: int) -> dict[str, int]:
+        """Booked leading tokens of a prompt's block chain, per worker."""
+        if self.ttl <= 0 or not self._holders:
+            return {}
+        self._expire(self._clock())
+        result: dict[str, int] = {}
+        alive: set[str] | None = None
+        for depth, chash in enumerate(chain):
+            holders = self._holders.get(chash)
+            current = set(holders) if holders else set()
+            alive = current if alive is None else alive & current
+            if not alive:
+                break
+            for url in alive:
+                result[url] = (depth + 1) * block_size
+        return result
+
+    def forget(self, url: str) -> None:
+        for chash in [h for h, holders in self._holders.items() if url in holders]:
+            del self._holders[chash][url]
+            if not self._holders[chash]:
+                del self._holders[chash]
+
+
 class CacheAwarePolicy(PolicyBase):
     """SMG's cache_aware.
 
@@ -319,6 +382,8 @@ class CacheAwarePolicy(PolicyBase):
         self.kv_index: KvIndex | None = None
         self.stats = CacheAwareStats()
         self._clock = clock
+        self.bookings = DispatchBookings(config.selection_accounting_ttl_ms / 1000.0
+                                         if config else 2.0, clock)
 
     def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
         if not workers:
@@ -338,6 +403,13 @@ class CacheAwarePolicy(PolicyBase):
             # events are scored from the tree (computed only if such a worker is offered).
             assert index is not None
             scores = index.match(tokens)
+            if index.block_size:
+                # Prompts dispatched moments ago are cached by the time they prefill, but no
+                # event says so yet: count them for the worker they went to.
+                chain = prompt_chain(tokens, index.block_size)
+                for url, booked in self.bookings.match(chain, index.block_size).items():
+                    if booked > scores.get(url, 0):
+                        scores[url] = booked
         else:
             match = tree.prefix_match(tokens)
             scores = dict.fromkeys(match.tenants, match.matched)
@@ -371,20 +443,28 @@ class CacheAwarePolicy(PolicyBase):
             self.stats.hits += 1
         else:
             self.stats.misses += 1
-        # Spill gate (SMG 1.13): an overloaded choice goes to the least-loaded worker.
+        # Spill gate (SMG 1.13): an overloaded choice goes to the least-loaded worker. The
+        # absolute margin is capped at the in-flight count's natural swing at this mean (two
+        # standard deviations of a Poisson count, at least 4), as SMG does, so a small pool
+        # spills at all instead of leaving workers idle.
         mean = total / len(workers)
+        abs_margin = self.config.balance_abs_threshold
+        abs_margin = min(abs_margin, max(min(4.0, abs_margin), 2.0 * math.sqrt(mean)))
         if (chosen is not lightest and chosen.in_flight > mean * self.config.balance_rel_threshold
-                and chosen.in_flight > mean + self.config.balance_abs_threshold):
+                and chosen.in_flight > mean + abs_margin):
             self.stats.spills += 1
             chosen = lightest
         if not live or chosen.url not in live:
             # The tree stands in for events the chosen worker does not publish.
             tree.insert(tokens, chosen.url, self._clock())
+        elif index is not None and index.block_size:
+            self.bookings.book(chosen.url, prompt_chain(tokens, index.block_size))
         return chosen
 
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)
         self.text_tree.remove_tenant(worker.url)
+        self.bookings.forget(worker.url)
 
     def maintenance(self) -> None:
         self.tree.evict(self.config.max_tree_size)

@@ -15,7 +15,7 @@ from smg_grpc_proto.generated import common_pb2
 
 from services.router.kv_index import Action, KvIndex, KvStream, prompt_chain
 from services.router.kv_sync import KvSubscription
-from services.router.policies import CacheAwarePolicy, SelectionInfo
+from services.router.policies import CacheAwarePolicy, PolicyConfig, SelectionInfo
 from services.router.resilience import UpstreamError
 from services.router.workers import Health, ModelCard, Worker
 from tests.router.fleet import gen, generate, running_router, sim_config, sim_fleet, url
@@ -217,7 +217,7 @@ def test_precise_policy_ignores_a_short_shared_opening() -> None:
     index.apply_event(ws[0].url, stored(BLOCKS[:1]))  # 4 of 16 tokens: 25% < 30%
     for w in ws:
         index.set_live(w.url, True)
-    policy = CacheAwarePolicy()
+    policy = CacheAwarePolicy(PolicyConfig(selection_accounting_ttl_ms=0))  # events only
     policy.kv_index = index
     ws[0].processed = 3  # otherwise idle and equal: the less used worker wins a miss
     assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is ws[1]
@@ -225,6 +225,43 @@ def test_precise_policy_ignores_a_short_shared_opening() -> None:
     index.apply_event(ws[0].url, stored(BLOCKS[1:2], parent=BLOCKS[0][0]))  # 50% cached
     assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is ws[0]
     assert policy.stats.hits == 1
+
+
+def test_precise_policy_books_dispatched_prompts_until_events_arrive() -> None:
+    """A burst sharing a new prefix follows the first request instead of spreading as misses
+    (no KV event yet says the prefix is cached); the booking expires after the TTL."""
+    ws = [_worker(f"grpc://w{i}:1") for i in range(3)]
+    index = KvIndex(block_size=BS)
+    for w in ws:
+        index.set_live(w.url, True)
+    now = [100.0]
+    policy = CacheAwarePolicy(PolicyConfig(selection_accounting_ttl_ms=500),
+                              clock=lambda: now[0])
+    policy.kv_index = index
+    first = policy.select_worker(ws, SelectionInfo(token_ids=PROMPT))
+    assert first is not None
+    first.in_flight = 1  # the first request is still running
+    for _ in range(3):
+        assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is first
+    now[0] += 1.0  # past the TTL, and still no event: a miss again -> least loaded
+    assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is not first
+
+
+def test_spill_margin_is_capped_at_the_natural_swing() -> None:
+    """With 64 as the absolute margin, 8 idle workers and one with 12 in flight would never
+    spill; the margin is capped at max(4, 2*sqrt(mean)) as in SMG."""
+    ws = [_worker(f"grpc://w{i}:1") for i in range(8)]
+    index = KvIndex()
+    index.apply_event(ws[0].url, stored(BLOCKS))
+    for w in ws:
+        index.set_live(w.url, True)
+    policy = CacheAwarePolicy(PolicyConfig(selection_accounting_ttl_ms=0))
+    policy.kv_index = index
+    ws[0].in_flight = 3
+    assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is ws[0]  # within swing
+    ws[0].in_flight = 12
+    assert policy.select_worker(ws, SelectionInfo(token_ids=PROMPT)) is not ws[0]
+    assert policy.stats.spills == 1
 
 
 # ----------------------------------------------------------------- real sim workers
