@@ -8,6 +8,12 @@ user+system time the serving processes (gateway, tokenizer, router; or SMG) used
 level, divided by its requests (read from /proc/<pid>/stat).
 
     .venv/bin/python benchmarks/gateway_overhead.py --concurrency 1 16 64 --requests 300 --smg
+
+Before/after: ``--baseline DIR`` starts a second gateway + tokenizer + router from another
+source tree (e.g. ``git archive <rev> | tar -x -C DIR``) on the same worker and measures it as
+path ``baseline`` in the same levels; ``--repeat N`` runs every level N times with the paths
+interleaved (order rotated per round) and reports medians, so slow drift on a shared machine
+hits every path alike.
 """
 
 from __future__ import annotations
@@ -45,13 +51,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], logs: Path) -> None:
+    def __init__(self, name: str, args: list[str], logs: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.log = logs / f"{name}.log"
         env = {**os.environ, "no_proxy": LOOPBACK, "NO_PROXY": LOOPBACK,
                "no_grpc_proxy": LOOPBACK}
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def check(self) -> None:
@@ -176,6 +182,45 @@ def direct_call(stub: Any, ids: list[int], stream: bool, max_tokens: int
     return one
 
 
+def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repeats of one path at one level."""
+    if len(samples) == 1:
+        return samples[0]
+    out = dict(samples[0])
+    for key in ("p50_ms", "p99_ms", "mean_ms", "rps", "cpu_ms_per_request"):
+        if samples[0][key] is not None:
+            out[key] = round(statistics.median(s[key] for s in samples), 3)
+    out["cpu_ms_per_request_by_process"] = {
+        k: round(statistics.median(s["cpu_ms_per_request_by_process"][k] for s in samples), 3)
+        for k in samples[0]["cpu_ms_per_request_by_process"]}
+    out["repeats"] = len(samples)
+    out["p50_ms_each"] = [s["p50_ms"] for s in samples]
+    if samples[0]["cpu_ms_per_request"] is not None:
+        out["cpu_ms_per_request_each"] = [s["cpu_ms_per_request"] for s in samples]
+    return out
+
+
+def start_stack(start: Callable[..., Proc], label: str, root: Path, wport: int
+                ) -> tuple[str, dict[str, int]]:
+    """gateway + tokenizer + router from the source tree ``root``: (base url, pids)."""
+    rport, tport, gport = free_port(), free_port(), free_port()
+    router = start(f"{label}-router", ["-m", "services.router", "--port", str(rport),
+                                       "--worker-urls", f"grpc://127.0.0.1:{wport}",
+                                       "--log-level", "warning"], root)
+    tokenizer = start(f"{label}-tokenizer", ["-m", "services.tokenizer", "--port", str(tport),
+                                             "--log-level", "warning"], root)
+    wait_grpc(f"127.0.0.1:{rport}", router)
+    wait_grpc(f"127.0.0.1:{tport}", tokenizer)
+    gateway = start(f"{label}-gateway", ["-m", "services.gateway", "--port", str(gport),
+                                         "--router", f"127.0.0.1:{rport}",
+                                         "--tokenizer", f"127.0.0.1:{tport}",
+                                         "--log-level", "warning"], root)
+    base = f"http://127.0.0.1:{gport}"
+    wait_http(f"{base}/health", gateway, lambda r: r.status_code == 200)
+    return base, {"router": router.proc.pid, "tokenizer": tokenizer.proc.pid,
+                  "gateway": gateway.proc.pid, "tport": tport}
+
+
 async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     from services.worker.model_store import ensure_embedded_model
 
@@ -184,32 +229,26 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     procs: list[Proc] = []
     results: list[dict[str, Any]] = []
 
-    def start(name: str, args_: list[str]) -> Proc:
-        proc = Proc(name, args_, logs)
+    def start(name: str, args_: list[str], root: Path = ROOT) -> Proc:
+        proc = Proc(name, args_, logs, root)
         procs.append(proc)
         return proc
 
     try:
-        wport, rport, tport, gport = free_port(), free_port(), free_port(), free_port()
+        wport = free_port()
         worker = start("worker", [
             "-m", "services.worker", "--port", str(wport), "--engine", "sim",
             "--model-path", str(model_dir), "--sim-decode-ms", "0",
             "--sim-decode-ms-per-running", "0", "--sim-prefill-ms-per-token", "0",
             "--max-running-requests", "256", "--log-level", "warning"])
         wait_grpc(f"127.0.0.1:{wport}", worker)
-        router = start("router", ["-m", "services.router", "--port", str(rport),
-                                  "--worker-urls", f"grpc://127.0.0.1:{wport}",
-                                  "--log-level", "warning"])
-        tokenizer = start("tokenizer", ["-m", "services.tokenizer", "--port", str(tport),
-                                        "--log-level", "warning"])
-        wait_grpc(f"127.0.0.1:{rport}", router)
-        wait_grpc(f"127.0.0.1:{tport}", tokenizer)
-        gateway = start("gateway", ["-m", "services.gateway", "--port", str(gport),
-                                    "--router", f"127.0.0.1:{rport}",
-                                    "--tokenizer", f"127.0.0.1:{tport}",
-                                    "--log-level", "warning"])
-        base = f"http://127.0.0.1:{gport}"
-        wait_http(f"{base}/health", gateway, lambda r: r.status_code == 200)
+        base, serving = start_stack(start, "sglmesh", ROOT, wport)
+        tport = serving.pop("tport")
+        baseline_base, baseline_pids = "", {}
+        if args.baseline:
+            baseline_base, baseline_pids = start_stack(
+                start, "baseline", Path(args.baseline).resolve(), wport)
+            baseline_pids.pop("tport")
         smg_base = ""
         smg: Proc | None = None
         if args.smg:
@@ -236,29 +275,41 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                        ).status_code == 503 and time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
             # The first chat request makes the gateway load the tokenizer from the worker.
-            first = await client.post(f"{base}/v1/chat/completions", json={
-                "model": model, "messages": MESSAGES, "max_tokens": 1})
-            assert first.status_code == 200, first.text
+            for url in filter(None, (base, baseline_base)):
+                first = await client.post(f"{url}/v1/chat/completions", json={
+                    "model": model, "messages": MESSAGES, "max_tokens": 1})
+                assert first.status_code == 200, first.text
             ids = await prompt_ids(f"127.0.0.1:{tport}", model)
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{wport}", options=CHANNEL_OPTIONS)
             from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
             stub = pb_grpc.SglangSchedulerStub(channel)
-            serving = {"router": router.proc.pid, "tokenizer": tokenizer.proc.pid,
-                       "gateway": gateway.proc.pid}
             for stream in (False, True):
                 for c in args.concurrency:
                     n = max(args.requests, c * 4)
                     row: dict[str, Any] = {"stream": stream, "concurrency": c}
-                    for path, one, pids in [
+                    paths = [
                         ("direct", direct_call(stub, ids, stream, args.max_tokens),
                          {}),
                         ("sglmesh", http_call(client, f"{base}/v1/chat/completions", model,
                                               stream, args.max_tokens), serving),
-                    ] + ([("smg", http_call(client, f"{smg_base}/v1/chat/completions",
+                    ] + ([("baseline", http_call(
+                        client, f"{baseline_base}/v1/chat/completions", model, stream,
+                        args.max_tokens), baseline_pids)] if baseline_base else []
+                    ) + ([("smg", http_call(client, f"{smg_base}/v1/chat/completions",
                                             smg_model, stream, args.max_tokens),
-                           {"smg": smg.proc.pid})] if smg is not None else []):
-                        row[path] = await measure(path, one, pids, c, n, args.warmup)
+                           {"smg": smg.proc.pid})] if smg is not None else [])
+                    samples: dict[str, list[dict[str, Any]]] = {p[0]: [] for p in paths}
+                    for round_ in range(args.repeat):
+                        shift = round_ % len(paths)
+                        for path, one, pids in paths[shift:] + paths[:shift]:
+                            samples[path].append(
+                                await measure(path, one, pids, c, n, args.warmup))
+                    for path, got in samples.items():
+                        row[path] = combine(got)
+                    if "baseline" in row:
+                        row["baseline_added_p50_ms"] = round(
+                            row["baseline"]["p50_ms"] - row["direct"]["p50_ms"], 2)
                     row["added_p50_ms"] = round(row["sglmesh"]["p50_ms"]
                                                 - row["direct"]["p50_ms"], 2)
                     if "smg" in row:
@@ -299,6 +350,11 @@ def summary(row: dict[str, Any]) -> str:
             f"p50 {s['p50_ms']:7.2f} ms (+{row['added_p50_ms']:.2f}) p99 {s['p99_ms']:7.2f} "
             f"{s['rps']:6.1f} req/s cpu {s['cpu_ms_per_request']:6.2f} ms/req "
             f"{s['cpu_ms_per_request_by_process']}")
+    if "baseline" in row:
+        b = row["baseline"]
+        text += (f" | baseline p50 {b['p50_ms']:7.2f} (+{row['baseline_added_p50_ms']:.2f}) "
+                 f"{b['rps']:6.1f} req/s cpu {b['cpu_ms_per_request']:6.2f} ms/req "
+                 f"{b['cpu_ms_per_request_by_process']}")
     if "smg" in row:
         m = row["smg"]
         text += (f" | smg p50 {m['p50_ms']:7.2f} (+{row['smg_added_p50_ms']:.2f}) "
@@ -315,6 +371,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--smg", action="store_true", help="also measure smg.launch_router")
+    parser.add_argument("--baseline", default="", metavar="DIR",
+                        help="also measure a gateway+tokenizer+router started from this source "
+                             "tree (before/after in one run)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds per level, paths interleaved; medians reported")
     parser.add_argument("--model-cache", default=os.environ.get(
         "SGLMESH_MODEL_CACHE", "~/.cache/sglmesh/models"))
     parser.add_argument("--out", default="", help="write the rows as JSON here")
