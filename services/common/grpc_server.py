@@ -48,8 +48,196 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
+_UNTRACED = ("/grpc.health.", "/grpc.reflection.")
+
+
+def instrument_handler(service: str, method: str, handler: grpc.RpcMethodHandler,
+                       tracer: trace.Tracer | None = None) -> grpc.RpcMethodHandler:
+    """``handler`` wrapped for one method: per call a server span continuing the caller's trace
+    (``traceparent`` metadata), metrics, and ServiceError / upstream errors -> gRPC status.
+
+    Done once per method when the service is registered; a call pays for its span and
+    metrics, a streamed message for one generator step, and nothing else.
+    """
+    from services.common.telemetry import extract_context
+
+    tracer = tracer or trace.get_tracer(f"sglmesh.{service}")
+    short = method.rsplit("/", 1)[-1]
+    latency = RPC_LATENCY.labels(service, short)
+    counters: dict[str, Any] = {}
+    attributes = {"rpc.system": "grpc", "rpc.method": method}
+
+    def finish(context: grpc.aio.ServicerContext, span: trace.Span, start: float,
+               error: BaseException | None) -> None:
+        code = _code_name(context)
+        if isinstance(error, ServiceError):
+            code = error.code.grpc_code.name
+        elif isinstance(error, asyncio.CancelledError):
+            code = "CANCELLED"
+        elif error is not None and code == "OK":
+            code = "UNKNOWN"
+        counter = counters.get(code)
+        if counter is None:
+            counter = counters[code] = RPC_REQUESTS.labels(service, short, code)
+        counter.inc()
+        latency.observe(time.perf_counter() - start)
+        span.set_attribute("rpc.grpc.status_code", code)
+        if code not in ("OK", "CANCELLED"):
+            span.set_status(Status(StatusCode.ERROR, code))
+
+    async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, ServiceError):
+            await context.abort_with_status(exc.to_status())
+        if isinstance(exc, NotImplementedError):
+            # The generated servicer base class raises this for RPCs a service leaves out.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
+        if isinstance(exc, grpc.aio.AioRpcError):
+            # An upstream call failed: relay its code, message and ErrorInfo unchanged.
+            trailers = tuple(
+                (k, v) for k, v in (exc.trailing_metadata() or ())
+                if k == "grpc-status-details-bin"
+            )
+            await context.abort(exc.code(), exc.details() or "", trailers)
+        log.exception("unhandled error in %s", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            with tracer.start_as_current_span(
+                method, context=extract_context(context.invocation_metadata()),
+                kind=SpanKind.SERVER, attributes=attributes,
+            ) as span:
+                error: BaseException | None = None
+                try:
+                    return await behavior(request, context)
+                except (ServiceError, Exception) as exc:
+                    error = exc
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    await abort(context, exc)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    finish(context, span, start, error)
+
+        return wrapped
+
+    def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]
+                    ) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            with tracer.start_as_current_span(
+                method, context=extract_context(context.invocation_metadata()),
+                kind=SpanKind.SERVER, attributes=attributes,
+            ) as span:
+                error: BaseException | None = None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except (ServiceError, Exception) as exc:
+                    error = exc
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    await abort(context, exc)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    finish(context, span, start, error)
+
+        return wrapped
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary(handler.unary_unary), handler.request_deserializer,
+            handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream(handler.unary_stream), handler.request_deserializer,
+            handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary(handler.stream_unary), handler.request_deserializer,
+            handler.response_serializer)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(
+            wrap_stream(handler.stream_stream), handler.request_deserializer,
+            handler.response_serializer)
+    return handler
+
+
+class _MethodTable(grpc.GenericRpcHandler):
+    """Fully qualified method name -> (instrumented) handler."""
+
+    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = handlers
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails
+                ) -> grpc.RpcMethodHandler | None:
+        return self.handlers.get(handler_call_details.method)
+
+
+class _PerCall(grpc.GenericRpcHandler):
+    """A generic handler of unknown shape: its answers are instrumented as they come."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, service: str) -> None:
+        self.inner, self.service_name = inner, service
+        self.cache: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails
+                ) -> grpc.RpcMethodHandler | None:
+        handler = self.inner.service(handler_call_details)
+        method = handler_call_details.method or "unknown"
+        if handler is None or method.startswith(_UNTRACED):
+            return handler
+        key = (method, id(handler))
+        wrapped = self.cache.get(key)
+        if wrapped is None:
+            wrapped = self.cache[key] = instrument_handler(self.service_name, method, handler)
+        return wrapped
+
+
+class InstrumentingRegistrar:
+    """Stands in for the grpc.aio server while a generated ``add_XServicer_to_server`` (or any
+    code that registers handlers) runs: every method handler is instrumented once, here."""
+
+    def __init__(self, server: grpc.aio.Server, service: str) -> None:
+        self.server = server
+        self.service = service
+        self.tracer = trace.get_tracer(f"sglmesh.{service}")
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method.startswith(_UNTRACED):
+            return handler
+        return instrument_handler(self.service, method, handler, self.tracer)
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        wrapped: list[grpc.GenericRpcHandler] = []
+        for handler in handlers:
+            table = getattr(handler, "_method_handlers", None)
+            if isinstance(table, dict):  # grpc.method_handlers_generic_handler(...)
+                wrapped.append(_MethodTable(
+                    {m: self._wrap(m, h) for m, h in table.items()}))
+            else:
+                wrapped.append(_PerCall(handler, self.service))
+        self.server.add_generic_rpc_handlers(tuple(wrapped))
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: dict[str, grpc.RpcMethodHandler]
+                                       ) -> None:
+        self.server.add_registered_method_handlers(service_name, {
+            m: self._wrap(f"/{service_name}/{m}", h) for m, h in method_handlers.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Per call: a server span continuing the caller's trace, metrics, ServiceError -> status."""
+    """The same instrumentation as a grpc.aio server interceptor, for servers not built by
+    :class:`GrpcServer` (which instruments handlers once, at registration, instead: an
+    interceptor costs an extra coroutine and handler per call)."""
 
     def __init__(self, service: str) -> None:
         self.service = service
@@ -63,109 +251,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method or "unknown"
-        if method.startswith("/grpc.health.") or method.startswith("/grpc.reflection."):
+        if method.startswith(_UNTRACED):
             return handler
-        from services.common.telemetry import extract_context
-
-        parent = extract_context(details.invocation_metadata)
-        tracer, service = self.tracer, self.service
-        short = method.rsplit("/", 1)[-1]
-
-        async def finish(context: grpc.aio.ServicerContext, span: trace.Span, start: float,
-                         error: BaseException | None) -> None:
-            code = _code_name(context)
-            if isinstance(error, ServiceError):
-                code = error.code.grpc_code.name
-            elif isinstance(error, asyncio.CancelledError):
-                code = "CANCELLED"
-            elif error is not None and code == "OK":
-                code = "UNKNOWN"
-            RPC_REQUESTS.labels(service, short, code).inc()
-            RPC_LATENCY.labels(service, short).observe(time.perf_counter() - start)
-            span.set_attribute("rpc.grpc.status_code", code)
-            if code not in ("OK", "CANCELLED"):
-                span.set_status(Status(StatusCode.ERROR, code))
-
-        async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-            if isinstance(exc, ServiceError):
-                await context.abort_with_status(exc.to_status())
-            if isinstance(exc, NotImplementedError):
-                # The generated servicer base class raises this for RPCs a service leaves out.
-                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
-            if isinstance(exc, grpc.aio.AioRpcError):
-                # An upstream call failed: relay its code, message and ErrorInfo unchanged.
-                trailers = tuple(
-                    (k, v) for k, v in (exc.trailing_metadata() or ())
-                    if k == "grpc-status-details-bin"
-                )
-                await context.abort(exc.code(), exc.details() or "", trailers)
-            log.exception("unhandled error in %s", method, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-
-        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                with tracer.start_as_current_span(
-                    method, context=parent, kind=SpanKind.SERVER,
-                    attributes={"rpc.system": "grpc", "rpc.method": method},
-                ) as span:
-                    error: BaseException | None = None
-                    try:
-                        return await behavior(request, context)
-                    except (ServiceError, Exception) as exc:
-                        error = exc
-                        if isinstance(exc, grpc.aio.AbortError):
-                            raise
-                        await abort(context, exc)
-                    except BaseException as exc:
-                        error = exc
-                        raise
-                    finally:
-                        await finish(context, span, start, error)
-
-            return wrapped
-
-        def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                start = time.perf_counter()
-                with tracer.start_as_current_span(
-                    method, context=parent, kind=SpanKind.SERVER,
-                    attributes={"rpc.system": "grpc", "rpc.method": method},
-                ) as span:
-                    error: BaseException | None = None
-                    try:
-                        async for item in behavior(request, context):
-                            yield item
-                    except (ServiceError, Exception) as exc:
-                        error = exc
-                        if isinstance(exc, grpc.aio.AbortError):
-                            raise
-                        await abort(context, exc)
-                    except BaseException as exc:
-                        error = exc
-                        raise
-                    finally:
-                        await finish(context, span, start, error)
-
-            return wrapped
-
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), handler.request_deserializer,
-                handler.response_serializer)
-        return handler
+        return instrument_handler(self.service, method, handler, self.tracer)
 
 
 class GrpcServer:
@@ -174,9 +262,7 @@ class GrpcServer:
     def __init__(self, config: ServiceConfig, service: str | None = None) -> None:
         self.config = config
         self.service = service or config.service_name
-        self.server = grpc.aio.server(
-            interceptors=[ServerInterceptor(self.service)], options=SERVER_OPTIONS
-        )
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -185,8 +271,10 @@ class GrpcServer:
 
     def add_service(self, add_to_server: Callable[[Any, grpc.aio.Server], None],
                     servicer: Any, full_name: str) -> None:
-        """Registers a servicer; its health status starts NOT_SERVING until set_serving."""
-        add_to_server(servicer, self.server)
+        """Registers a servicer; its health status starts NOT_SERVING until set_serving.
+
+        Its handlers are instrumented as they are registered (span, metrics, errors)."""
+        add_to_server(servicer, InstrumentingRegistrar(self.server, self.service))  # type: ignore[arg-type]
         self._service_names.append(full_name)
 
     async def start(self) -> int:

@@ -1,9 +1,10 @@
 """OpenTelemetry tracing: provider setup and W3C context propagation over gRPC metadata.
 
-Every service calls :func:`setup_tracing` once. The server interceptor (see
-``grpc_server``) continues the caller's trace from the ``traceparent`` metadata; the client
-interceptors below inject the current context into every outgoing call, so one request is one
-trace across gateway, tokenizer, router, worker and history.
+Every service calls :func:`setup_tracing` once. The server's handler wrapper (see
+``grpc_server``) continues the caller's trace from the ``traceparent`` metadata; channels made
+by ``net.create_channel`` add the current context to every outgoing call's metadata
+(:func:`with_trace_metadata`), so one request is one trace across gateway, tokenizer, router,
+worker and history.
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
     return carrier
 
 
+def with_trace_metadata(metadata: Any) -> Any:
+    """``metadata`` (a sequence of pairs, ``grpc.aio.Metadata`` or None) with the current trace
+    context added; keys the context sets replace the caller's. Unchanged when there is none."""
+    carrier = inject_headers()
+    if not carrier:
+        return metadata
+    if not metadata:
+        return tuple(carrier.items())
+    return (*((k, v) for k, v in metadata if k not in carrier), *carrier.items())
+
+
 def _with_trace_metadata(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
     carrier = inject_headers()
     if not carrier:
@@ -153,7 +165,9 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that propagate the current trace context on every call."""
+    """Interceptors that propagate the current trace context on every call.
+
+    For channels not made by ``net.create_channel`` (which propagates without interceptors)."""
     return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
 
 
