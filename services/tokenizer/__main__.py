@@ -26,7 +26,8 @@ async def serve(config: TokenizerConfig) -> None:
                          cache_max_entries=config.cache_max_entries,
                          prefix_cache_max_bytes=config.prefix_cache_max_bytes)
     register_cache_collector(core.registry)
-    service = TokenizerService(core, executor, worker_timeout=config.worker_timeout)
+    service = TokenizerService(core, executor, worker_timeout=config.worker_timeout,
+                               inline_max_bytes=config.inline_max_bytes)
     server = GrpcServer(config)
     server.add_service(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, service,
                        SERVICE_NAME)

@@ -39,6 +39,10 @@ class TokenizerConfig(ServiceConfig):
     cache_dir: str = option(DEFAULT_CACHE_DIR,
                             help="Where tokenizer bundles fetched from workers are unpacked.")
     workers: int = option(0, help="Size of the CPU thread pool (0 = number of cores).")
+    inline_max_bytes: int = option(
+        8192, help="Requests up to this size (serialized bytes; a decode step: up to this many "
+                   "/ 8 tokens) run on the event loop: for them a thread-pool hop costs more than "
+                   "the work. Larger ones go to the pool. 0 = always the pool.")
     worker_timeout: float = option(
         120.0, help="Seconds to wait for a worker's GetTokenizer bundle at start-up.")
     tool_call_parser: str = option(
@@ -70,6 +74,8 @@ class TokenizerConfig(ServiceConfig):
             raise ValueError(f"--chat-template: no such file {self.chat_template!r}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.inline_max_bytes < 0:
+            raise ValueError(f"--inline-max-bytes must be >= 0, got {self.inline_max_bytes}")
         if self.workers == 0:
             self.workers = os.cpu_count() or 1
         for name in ("cache_max_bytes", "cache_max_entries", "prefix_cache_max_bytes"):

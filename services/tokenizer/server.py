@@ -1,4 +1,10 @@
-"""TokenizerService: gRPC <-> TokenizerCore. CPU work runs on a thread pool, never the loop."""
+"""TokenizerService: gRPC <-> TokenizerCore.
+
+Big CPU work (long prompts, large batches) runs on a thread pool. Small work (a short chat, a
+decode step of a few tokens: tens to hundreds of microseconds) runs on the event loop: a pool
+hop (future, thread wake-up, GIL hand-off, loop wake-up) costs more than that work, and the
+work holds the GIL either way. ``inline_max_bytes`` draws the line.
+"""
 
 from __future__ import annotations
 
@@ -94,15 +100,31 @@ def _timed_step(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, core: TokenizerCore, executor: ThreadPoolExecutor,
-                 worker_timeout: float = 60.0) -> None:
+                 worker_timeout: float = 60.0, inline_max_bytes: int = 8192) -> None:
         self.core = core
         self.executor = executor
         self.worker_timeout = worker_timeout
+        self.inline_max_bytes = inline_max_bytes
+        # A decode step's size is its token count: ids are varints of ~3 bytes, and the text
+        # they turn into is a few bytes each.
+        self.inline_max_tokens = inline_max_bytes // 8
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        except Exception as exc:
+            mapped = to_service_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def _run_sized(self, size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` on the loop when ``size`` is at most ``inline_max_bytes``, else on the pool."""
+        if size > self.inline_max_bytes:
+            return await self._run(fn, *args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
         except Exception as exc:
             mapped = to_service_error(exc)
             if mapped is None:
@@ -142,7 +164,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def GetTokenizerInfo(self, request: pb.GetTokenizerInfoRequest,
                                context: grpc.aio.ServicerContext) -> pb.GetTokenizerInfoResponse:
-        tok = await self._run(self.core.get, request.model)
+        tok = await self._run_sized(0, self.core.get, request.model)
         return pb.GetTokenizerInfoResponse(tokenizer=info_of(tok))
 
     async def ListTokenizers(self, request: pb.ListTokenizersRequest,
@@ -153,8 +175,9 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         with measured("Tokenize"):
-            results = await self._run(self.core.tokenize, request.model, list(request.texts),
-                                      request.add_special_tokens)
+            results = await self._run_sized(request.ByteSize(), self.core.tokenize,
+                                            request.model, list(request.texts),
+                                            request.add_special_tokens)
         metrics.TOKENS.labels("Tokenize").inc(sum(len(r) for r in results))
         return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=r) for r in results],
                                    total_tokens=sum(len(r) for r in results))
@@ -162,9 +185,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def Detokenize(self, request: pb.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
         with measured("Detokenize"):
-            texts = await self._run(self.core.detokenize, request.model,
-                                    [list(s.token_ids) for s in request.sequences],
-                                    request.skip_special_tokens)
+            texts = await self._run_sized(request.ByteSize(), self.core.detokenize,
+                                          request.model,
+                                          [list(s.token_ids) for s in request.sequences],
+                                          request.skip_special_tokens)
         return pb.DetokenizeResponse(texts=texts)
 
     async def RenderChat(self, request: pb.RenderChatRequest,
@@ -182,7 +206,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
             )
 
         with measured("RenderChat"):
-            prompt, ids = await self._run(render)
+            prompt, ids = await self._run_sized(request.ByteSize(), render)
         metrics.TOKENS.labels("RenderChat").inc(len(ids))
         return pb.RenderChatResponse(prompt=prompt, token_ids=ids)
 
@@ -193,6 +217,17 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
         with measured("DecodeStream"):
             async for response in self._decode_stream(request_iterator):
                 yield response
+
+    @staticmethod
+    def _step_inline(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
+                     finished: bool) -> StreamDelta:
+        try:
+            return _timed_step(spec, session, ids, finished)
+        except Exception as exc:
+            mapped = to_service_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def _decode_stream(
         self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
@@ -211,10 +246,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     stop=list(start.stop), no_stop_trim=start.no_stop_trim,
                     prompt_token_ids=list(start.prompt_token_ids),
                 )
-                spec = await self._run(self.core.open_stream, start.model, options,
-                                       start.reasoning_parser, start.tool_parser,
-                                       start.reasoning_open,
-                                       [struct_to_dict(t) for t in start.tools])
+                spec = await self._run_sized(start.ByteSize(), self.core.open_stream,
+                                             start.model, options, start.reasoning_parser,
+                                             start.tool_parser, start.reasoning_open,
+                                             [struct_to_dict(t) for t in start.tools])
                 continue
             if kind != "tokens":
                 raise invalid_argument("start" if kind == "start" else "request",
@@ -223,7 +258,11 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
             session = sessions.get(msg.index)
             if session is None:
                 session = sessions[msg.index] = spec.new_session()
-            delta = await self._run(_timed_step, spec, session, list(msg.token_ids), msg.finished)
+            ids = list(msg.token_ids)
+            if len(ids) <= self.inline_max_tokens and self.inline_max_bytes:
+                delta = self._step_inline(spec, session, ids, msg.finished)
+            else:
+                delta = await self._run(_timed_step, spec, session, ids, msg.finished)
             metrics.TOKENS.labels("DecodeStream").inc(len(msg.token_ids))
             calls = [pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
                                       arguments=c.arguments) for c in delta.tool_calls]
