@@ -169,6 +169,21 @@ class TelemetryMiddleware:
         status_holder = {"status": 500}
         started = time.perf_counter()
 
+        span_holder: list[Any] = []
+
+        def annotate(status: int) -> str:
+            """Status and matched route on the span (while it records: FastAPI's own span
+            ends with the last body byte, before this middleware's ``finally``)."""
+            matched = scope.get("route")
+            path = getattr(matched, "path", None) or "unmatched"
+            span = span_holder[0] if span_holder else None
+            if span is not None and span.is_recording():
+                span.set_attribute("http.status_code", status)
+                span.set_attribute("http.route", path)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+            return path
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
@@ -176,6 +191,7 @@ class TelemetryMiddleware:
                 if not any(k.lower() == b"x-request-id" for k, _ in message["headers"]):
                     message["headers"] = [*message["headers"],
                                           (REQUEST_ID_HEADER.encode(), request_id.encode())]
+                annotate(message["status"])
             await send(message)
 
         # Recent FastAPI versions open the HTTP server span themselves (continuing the client's
@@ -190,16 +206,12 @@ class TelemetryMiddleware:
                                                   "http.route": route})
         with span_cm as span:
             span.set_attribute("sglmesh.request_id", request_id)
+            span_holder.append(span)
             try:
                 await self.app(scope, receive, send_wrapper)
             finally:
                 status = status_holder["status"]
-                matched = scope.get("route")
-                route = getattr(matched, "path", None) or "unmatched"
-                span.set_attribute("http.status_code", status)
-                span.set_attribute("http.route", route)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
+                route = annotate(status)
                 if not route.startswith("/metrics"):
                     HTTP_REQUESTS.labels(route, str(status)).inc()
                     HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)

@@ -669,20 +669,23 @@ class ChatCompletionService:
             log.exception("stream %s failed", request_id)
             yield f"data: {json.dumps(OpenAIError(500, str(exc)).body())}\n\n"
             return
+        # The closing events go out as one body chunk (one socket write, not one per event).
+        tail: list[str] = []
         for g in generations:
             record_usage(g.result.prompt_tokens, g.result.completion_tokens, g.result.cached_tokens)
             reason = g.result.finish_reason
             if g.index in has_calls and reason == "stop":
                 reason = "tool_calls"
-            yield frame(g.index, {}, reason)
+            tail.append(frame(g.index, {}, reason))
         if include_usage:
             usage_chunk = {
                 "id": request_id, "object": "chat.completion.chunk", "created": created,
                 "model": request.model, "choices": [],
                 "usage": _usage([g.result for g in generations]).model_dump(),
             }
-            yield f"data: {json.dumps(usage_chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+            tail.append(f"data: {json.dumps(usage_chunk)}\n\n")
+        tail.append("data: [DONE]\n\n")
+        yield "".join(tail)
 
 
 def _tool_delta(part: ToolCallPart) -> dict[str, Any]:
