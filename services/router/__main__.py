@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
 from sglmesh.router.v1 import router_lease_pb2_grpc as lease_grpc
-from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.grpc_server import GrpcServer, wait_for_shutdown
 from services.common.service import main_for
+from services.router import relay
 from services.router.config import RouterConfig, merge_repeated_flags
 from services.router.router import Router
 from services.router.server import RouterAdmin, RouterLeases, SchedulerProxy
@@ -16,8 +16,7 @@ from services.router.server import RouterAdmin, RouterLeases, SchedulerProxy
 async def serve(config: RouterConfig) -> None:
     router = Router(config)
     server = GrpcServer(config)
-    server.add_service(pb_grpc.add_SglangSchedulerServicer_to_server, SchedulerProxy(router),
-                       "sglang.grpc.scheduler.SglangScheduler")
+    server.add_service(relay.add_scheduler_to_server, SchedulerProxy(router), relay.SERVICE)
     server.add_service(admin_grpc.add_RouterAdminServiceServicer_to_server, RouterAdmin(router),
                        "sglmesh.router.v1.RouterAdminService")
     server.add_service(lease_grpc.add_RouterLeaseServiceServicer_to_server, RouterLeases(router),

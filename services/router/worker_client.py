@@ -18,6 +18,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.net import create_channel, strip_scheme
+from services.router import relay
 from services.router.resilience import UpstreamError
 from services.router.workers import EngineLoad, ModelCard
 
@@ -34,6 +35,7 @@ class WorkerClient:
         self.target = strip_scheme(url)
         self.channel = create_channel(self.target)
         self.stub = pb_grpc.SglangSchedulerStub(self.channel)
+        self._generate_raw = relay.raw_generate(self.channel)
 
     async def model_card(self, timeout: float) -> ModelCard:
         """Reads GetModelInfo, waiting for the worker to come up for at most ``timeout`` s."""
@@ -99,7 +101,9 @@ class WorkerClient:
         the worker's spans are its children."""
         token = otel_context.attach(trace_context) if trace_context is not None else None
         try:
-            call = self.stub.Generate(request, metadata=tuple(metadata))
+            # Relaying for the router's own Generate handler: the worker's bytes, unparsed.
+            generate = self._generate_raw if relay.raw_responses() else self.stub.Generate
+            call = generate(request, metadata=tuple(metadata))
         finally:
             if token is not None:
                 otel_context.detach(token)
