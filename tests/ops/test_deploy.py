@@ -117,7 +117,15 @@ def test_selectors_match_pod_labels(manifests) -> None:
         assert any(selector <= d["spec"]["template"]["metadata"]["labels"].items()
                    for d in deployments.values()), service["metadata"]["name"]
     worker = deployments["demo-worker"]["spec"]["template"]["metadata"]["labels"]
-    assert worker["sglmesh.io/discovery"] == "sglmesh-worker"  # what the router discovers by
+    assert worker["sglmesh.io/discovery"] == "sglmesh-worker"
+    # The router discovers exactly those pods, on the workers' gRPC port.
+    router = deployments["demo-router"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = parse_service_args(router)
+    assert args.service_discovery is True
+    assert all(worker.get(k) == v for k, v in (s.split("=", 1) for s in args.selector))
+    worker_port = parse_service_args(
+        deployments["demo-worker"]["spec"]["template"]["spec"]["containers"][0]["args"]).port
+    assert args.service_discovery_port == worker_port
 
 
 def test_router_can_watch_pods(manifests) -> None:
