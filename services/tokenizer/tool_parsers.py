@@ -439,6 +439,30 @@ class ToolParser:
         self._call = None
         return True
 
+    def _json_array_step(self, out: _Emitter, final: bool, end_state: str) -> bool:
+        """One step through a JSON list of calls (states ``array_item``/``array_next``);
+        ``end_state`` follows the closing ``]``. False: more input is needed."""
+        if self.state == "array_item":
+            if not self._json_call(out, self._pos, final):
+                return False
+            self.state = "array_next"
+            return True
+        i = _skip_ws(self._buf, 0)
+        if i >= len(self._buf):
+            return False
+        if self._buf[i] == ",":
+            j = _skip_ws(self._buf, i + 1)
+            if j >= len(self._buf):
+                return False
+            self._buf = self._buf[j:]
+            self.state, self._pos = "array_item", 0
+        elif self._buf[i] == "]":
+            self._buf = self._buf[i + 1:]
+            self.state = end_state
+        else:
+            raise _Invalid("expected ',' or ']'")
+        return True
+
     def _scan(self, out: _Emitter, final: bool) -> None:
         raise NotImplementedError
 
@@ -472,25 +496,9 @@ class JsonToolParser(ToolParser):
                     raise _Invalid("not a list of calls")
                 self.state = "array_item"
                 self._pos = i
-            elif self.state == "array_item":
-                if not self._json_call(out, self._pos, final):
+            elif self.state in ("array_item", "array_next"):
+                if not self._json_array_step(out, final, "done"):
                     return
-                self.state = "array_next"
-            elif self.state == "array_next":
-                i = _skip_ws(self._buf, 0)
-                if i >= len(self._buf):
-                    return
-                if self._buf[i] == ",":
-                    j = _skip_ws(self._buf, i + 1)
-                    if j >= len(self._buf):
-                        return
-                    self._buf = self._buf[j:]
-                    self.state, self._pos = "array_item", 0
-                elif self._buf[i] == "]":
-                    self._buf = self._buf[i + 1:]
-                    self.state = "done"
-                else:
-                    raise _Invalid("expected ',' or ']'")
             elif self.state == "object":
                 if not self._json_call(out, _skip_ws(self._buf, 0), final):
                     return
@@ -640,25 +648,9 @@ class MistralToolParser(ToolParser):
                 if self._buf[i] != "{":
                     raise _Invalid("not a list of calls")
                 self.state, self._pos = "array_item", i
-            elif self.state == "array_item":
-                if not self._json_call(out, self._pos, final):
+            elif self.state in ("array_item", "array_next"):
+                if not self._json_array_step(out, final, "text"):
                     return
-                self.state = "array_next"
-            elif self.state == "array_next":
-                i = _skip_ws(self._buf, 0)
-                if i >= len(self._buf):
-                    return
-                if self._buf[i] == ",":
-                    j = _skip_ws(self._buf, i + 1)
-                    if j >= len(self._buf):
-                        return
-                    self._buf = self._buf[j:]
-                    self.state, self._pos = "array_item", 0
-                elif self._buf[i] == "]":
-                    self._buf = self._buf[i + 1:]
-                    self.state = "text"
-                else:
-                    raise _Invalid("expected ',' or ']'")
             elif self.state == "object":
                 if not self._json_call(out, self._pos, final):
                     return
