@@ -57,6 +57,24 @@ def receiver() -> Iterator[tuple[Receiver, int]]:
     server.stop(0)
 
 
+WANTED = {"sglmesh-gateway", "sglmesh-tokenizer", "sglmesh-router", "sglmesh-worker"}
+
+
+def complete(spans: list[dict]) -> bool:
+    return WANTED <= {s["service"] for s in spans} and any(
+        s["parent"] == CLIENT_SPAN for s in spans)
+
+
+def wait_for_trace(sink: Receiver, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with sink.lock:
+            spans = [s for s in sink.spans if s["trace_id"] == CLIENT_TRACE]
+        if complete(spans) or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.2)
+
+
 def test_one_trace_across_every_service(receiver, tmp_path: Path,
                                         embedded_model_dir: Path, monkeypatch) -> None:
     sink, port = receiver
@@ -73,19 +91,15 @@ def test_one_trace_across_every_service(receiver, tmp_path: Path,
             "messages": [{"role": "user", "content": "Hi"}]},
             headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
         assert reply.status_code == 200
+        # Batches leave every 200 ms; wait for the whole trace while everything still runs
+        # (a span that ends after the reply reached us must not race the shutdown).
+        spans = wait_for_trace(sink, 15)
     finally:
-        suite.stop()  # every process flushes its batched spans on a clean exit
-    wanted = {"sglmesh-gateway", "sglmesh-tokenizer", "sglmesh-router", "sglmesh-worker"}
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with sink.lock:
-            spans = [s for s in sink.spans if s["trace_id"] == CLIENT_TRACE]
-        if wanted <= {s["service"] for s in spans} and any(
-                s["parent"] == CLIENT_SPAN for s in spans):
-            break
-        time.sleep(0.2)
+        suite.stop()  # every process also flushes its batched spans on a clean exit
+    if not complete(spans):
+        spans = wait_for_trace(sink, 10)
     by_id = {s["span_id"]: s for s in spans}
-    assert wanted <= {s["service"] for s in spans}, spans
+    assert WANTED <= {s["service"] for s in spans}, spans
     roots = [s for s in spans if s["parent"] == CLIENT_SPAN]
     gateway_spans = [s for s in spans if s["service"] == "sglmesh-gateway"]
     assert [r["service"] for r in roots] == ["sglmesh-gateway"], gateway_spans
