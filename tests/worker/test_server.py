@@ -106,6 +106,15 @@ async def test_cancel_stream_aborts(stub: pb_grpc.SglangSchedulerStub,
     await wait_idle(stub)
 
 
+async def read_rest(call: object) -> list[pb.GenerateResponse]:
+    """The rest of a stream already read with ``read()`` (grpc.aio forbids mixing that with
+    ``async for`` on one call)."""
+    out = []
+    while (item := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        out.append(item)
+    return out
+
+
 async def test_abort_rpc(stub: pb_grpc.SglangSchedulerStub,
                          chat_ids: Callable[..., list[int]]) -> None:
     call = stub.Generate(request(chat_ids(), "abort-me", stream=True, max_new=2000,
@@ -114,10 +123,8 @@ async def test_abort_rpc(stub: pb_grpc.SglangSchedulerStub,
     assert first.WhichOneof("response") == "chunk"
     reply = await stub.Abort(pb.AbortRequest(request_id="abort-me", reason="test"))
     assert reply.success
-    last = None
-    async for item in call:
-        last = item
-    assert last is not None and last.complete.finish_reason == "abort"
+    rest = await read_rest(call)
+    assert rest and rest[-1].complete.finish_reason == "abort"
     missing = await stub.Abort(pb.AbortRequest(request_id="abort-me"))
     assert not missing.success
     await wait_idle(stub)
@@ -408,7 +415,7 @@ async def test_sigterm_drains(embedded_model_dir: Path,
             async for _ in stub.Generate(request(chat_ids(), "late", stream=False)):
                 pass
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        rest = [r async for r in call]
+        rest = await read_rest(call)
         assert rest[-1].complete.finish_reason == "length"
         assert len(rest[-1].complete.output_ids) == 40
         assert await asyncio.to_thread(proc.proc.wait, 30) == 0
