@@ -9,6 +9,7 @@ test relays to them under router leases (see services/gateway/upstreams.py).
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -153,8 +154,15 @@ def test_killed_http_worker_under_load(fleet: Fleet) -> None:
         t.join(120)
     assert not errors, errors[:3]
     assert sum(done.values()) == 60
-    workers = {w["url"]: w for w in httpx.get(f"{fleet.url}/workers", trust_env=False).json()[
-        "workers"]}
-    dead = workers[fleet.http_workers[0]]
-    assert (dead["health"] == "WORKER_HEALTH_NOT_READY"
-            or dead["circuit_state"] == "CIRCUIT_STATE_OPEN"), dead
+    # The dead worker ends up out of rotation: health checks (every second here) or its
+    # breaker notice it; the load above may finish before either has.
+    deadline = time.monotonic() + 20
+    while True:
+        workers = {w["url"]: w for w in httpx.get(f"{fleet.url}/workers",
+                                                  trust_env=False).json()["workers"]}
+        dead = workers[fleet.http_workers[0]]
+        if (dead["health"] == "WORKER_HEALTH_NOT_READY"
+                or dead["circuit_state"] == "CIRCUIT_STATE_OPEN"):
+            break
+        assert time.monotonic() < deadline, dead
+        time.sleep(0.25)
