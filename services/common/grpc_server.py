@@ -29,6 +29,7 @@ from services.common.config import ServiceConfig
 from services.common.errors import ServiceError
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS, start_metrics_server
 from services.common.net import dial_target, format_target
+from services.common.telemetry import extract_context
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ def instrument_handler(service: str, method: str, handler: grpc.RpcMethodHandler
     Done once per method when the service is registered; a call pays for its span and
     metrics, a streamed message for one generator step, and nothing else.
     """
-    from services.common.telemetry import extract_context
-
     tracer = tracer or trace.get_tracer(f"sglmesh.{service}")
     short = method.rsplit("/", 1)[-1]
     latency = RPC_LATENCY.labels(service, short)

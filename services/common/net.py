@@ -9,6 +9,8 @@ from typing import Any
 
 import grpc
 
+from services.common.telemetry import with_trace_metadata
+
 # Wildcard binds are dialled on loopback: 0.0.0.0 is not an address to connect to.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1", "*": "127.0.0.1", "": "127.0.0.1"}
 
@@ -77,8 +79,6 @@ class _TracedCall:
         self._callable = callable_
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from services.common.telemetry import with_trace_metadata
-
         kwargs["metadata"] = with_trace_metadata(kwargs.get("metadata"))
         return self._callable(*args, **kwargs)
 

@@ -13,10 +13,9 @@ import atexit
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -99,10 +98,6 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
-def tracer(name: str) -> trace.Tracer:
-    return trace.get_tracer(name)
-
-
 def extract_context(metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
     """The trace context carried by incoming gRPC metadata (or HTTP headers)."""
     carrier = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
@@ -125,50 +120,6 @@ def with_trace_metadata(metadata: Any) -> Any:
     if not metadata:
         return tuple(carrier.items())
     return (*((k, v) for k, v in metadata if k not in carrier), *carrier.items())
-
-
-def _with_trace_metadata(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    carrier = inject_headers()
-    if not carrier:
-        return details
-    metadata = grpc.aio.Metadata()
-    for key, value in details.metadata or ():
-        if key not in carrier:
-            metadata.add(key, value)
-    for key, value in carrier.items():
-        metadata.add(key, value)
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
-
-
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
-        return await continuation(_with_trace_metadata(details), request)
-
-
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
-        return await continuation(_with_trace_metadata(details), request)
-
-
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Callable, details: Any,
-                                     request_iterator: Any) -> Any:
-        return await continuation(_with_trace_metadata(details), request_iterator)
-
-
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Callable, details: Any,
-                                      request_iterator: Any) -> Any:
-        return await continuation(_with_trace_metadata(details), request_iterator)
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that propagate the current trace context on every call.
-
-    For channels not made by ``net.create_channel`` (which propagates without interceptors)."""
-    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
 
 
 def metadata_dict(metadata: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> dict[str, str]:

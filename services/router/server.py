@@ -16,12 +16,12 @@ from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
-from services.common.errors import ServiceError, invalid_argument, not_found
+from services.common.errors import invalid_argument, not_found
 from services.common.telemetry import metadata_dict
 from services.router.jobs import Job, JobKind, JobState
 from services.router.policies import SelectionInfo
 from services.router.resilience import CircuitState
-from services.router.router import DOMAIN, DispatchState, RequestHints, Router
+from services.router.router import DOMAIN, DispatchState, RequestHints, Router, normalize_url
 from services.router.workers import ConnectionMode, Health, Worker, WorkerType
 
 # Routing hints (see proto/sglmesh/router/v1/router_admin.proto).
@@ -208,8 +208,6 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
 
     async def GetWorker(self, request: admin_pb.GetWorkerRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb.GetWorkerResponse:
-        from services.router.router import normalize_url
-
         worker = self.router.registry.get(normalize_url(request.url))
         if worker is None:
             raise not_found("worker", request.url, DOMAIN)
@@ -264,8 +262,6 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
 
     async def FlushCache(self, request: admin_pb.FlushCacheRequest,
                          context: grpc.aio.ServicerContext) -> admin_pb.FlushCacheResponse:
-        from services.router.router import normalize_url
-
         workers = self.router.registry.all()
         if request.url:
             workers = [w for w in workers if w.url == normalize_url(request.url)]
@@ -326,4 +322,4 @@ class RouterLeases(lease_grpc.RouterLeaseServiceServicer):
         return lease_pb.ReleaseWorkerResponse(retry=release.retry, backoff=backoff)
 
 
-__all__ = ["SchedulerProxy", "RouterAdmin", "RouterLeases", "ServiceError"]
+__all__ = ["SchedulerProxy", "RouterAdmin", "RouterLeases"]
