@@ -21,7 +21,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.net import CHANNEL_OPTIONS, dial_target, free_port
+from services.common.net import CHANNEL_OPTIONS, dial_target, free_port, reserve_port
 
 _PR_SET_PDEATHSIG = 1
 
@@ -111,16 +111,7 @@ class Suite:
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.ports: dict[str, int] = {}
         self.metrics_ports: dict[str, int] = {}
-        self._ports_given: set[int] = {config.port}
-
-    def _port(self) -> int:
-        """A free port no other service of this suite was given. Ports are only bound when the
-        child starts, so the OS may hand the same free port out twice: keep asking."""
-        while True:
-            port = free_port()
-            if port not in self._ports_given:
-                self._ports_given.add(port)
-                return port
+        reserve_port(config.port)
 
     def say(self, message: str) -> None:
         print(message, file=self.out, flush=True)  # type: ignore[call-overload]
@@ -132,7 +123,7 @@ class Suite:
         if self.config.otlp_endpoint:
             common += ["--otlp-endpoint", self.config.otlp_endpoint]
         if name != "gateway":  # the gateway serves /metrics on its own port
-            metrics_port = self._port()
+            metrics_port = free_port()
             common += ["--metrics-port", str(metrics_port)]
             self.metrics_ports[f"{name}-{port}" if name == "worker" else name] = metrics_port
         if self.config.trace_file:
@@ -177,13 +168,13 @@ class Suite:
         cfg = self.config
         deadline = time.monotonic() + cfg.startup_timeout
         started = time.monotonic()
-        history_port, router_port, tokenizer_port = self._port(), self._port(), self._port()
+        history_port, router_port, tokenizer_port = free_port(), free_port(), free_port()
         pd = cfg.prefill_workers > 0 or cfg.decode_workers > 0
         if pd and (cfg.prefill_workers < 1 or cfg.decode_workers < 1):
             raise StartupError("PD mode needs at least one prefill and one decode worker")
         roles = (["prefill"] * cfg.prefill_workers + ["decode"] * cfg.decode_workers if pd
                  else ["regular"] * cfg.workers)
-        worker_ports = [self._port() for _ in roles]
+        worker_ports = [free_port() for _ in roles]
         self.ports = {"history": history_port, "router": router_port,
                       "tokenizer": tokenizer_port, "gateway": cfg.port}
         self.ports.update({f"worker-{i}": port for i, port in enumerate(worker_ports)})
@@ -213,7 +204,7 @@ class Suite:
             if role != "regular":
                 args += ["--disaggregation-mode", role]
                 if role == "prefill":
-                    bootstrap_ports[port] = self._port()
+                    bootstrap_ports[port] = free_port()
                     args += ["--bootstrap-port", str(bootstrap_ports[port])]
             args += cfg.worker_args
             note = " (first start converts the model, ~30 s)" if cfg.worker_engine == "torch" else ""

@@ -124,9 +124,24 @@ class TracingChannel(grpc.aio.Channel):
         await self._channel.channel_ready()
 
 
+# Ports this process handed out: a port is only bound when the service it is for starts, so the
+# OS may offer the same free port twice in between (a router once got history's port).
+_handed_out: set[int] = set()
+
+
+def reserve_port(port: int) -> None:
+    """Marks ``port`` as taken by this process, so :func:`free_port` never returns it."""
+    _handed_out.add(port)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for tests and the local supervisor)."""
+    """A port that was free a moment ago and that this process has not handed out before
+    (for tests and the local supervisor)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port

@@ -71,3 +71,11 @@ def test_error_codes_map_to_http() -> None:
     assert ErrorCode.from_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED) is ErrorCode.RESOURCE_EXHAUSTED
     error = ServiceError(ErrorCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'x' not found", {"model": "x"})
     assert error.to_status().code == grpc.StatusCode.NOT_FOUND
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    """Ports are bound only when a service starts; two services must never be given one port."""
+    from services.common.net import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
