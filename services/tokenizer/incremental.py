@@ -95,19 +95,42 @@ class StopStringMatcher:
         if not self.stops:
             return StopResult(text)
         buf = self._held + text
+        best = self._earliest(buf)
+        if best is not None:
+            pos, stop = best
+            # A longer stop that starts earlier may still be completing ("TS" of "TSS" when
+            # "S" already matched): the earliest start wins, so wait for it to resolve.
+            pending = self._pending_start(buf, pos)
+            if pending is None:
+                return self._stop(buf, pos, stop)
+            self._held = buf[pending:]
+            return StopResult(buf[:pending])
+        hold = self._holdback(buf)
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return StopResult(buf[:len(buf) - hold])
+
+    def _earliest(self, buf: str) -> tuple[int, str] | None:
+        """The stop that starts first in ``buf`` (the longest of those starting there)."""
         best: tuple[int, int, str] | None = None  # (position, -length, stop)
         for stop in self.stops:
             pos = buf.find(stop)
             if pos >= 0 and (best is None or (pos, -len(stop)) < best[:2]):
                 best = (pos, -len(stop), stop)
-        if best is not None:
-            pos, _, stop = best
-            self.stopped, self.matched, self._held = True, stop, ""
-            return StopResult(buf[:pos + len(stop)] if self.no_stop_trim else buf[:pos],
-                              True, stop)
-        hold = self._holdback(buf)
-        self._held = buf[len(buf) - hold:] if hold else ""
-        return StopResult(buf[:len(buf) - hold])
+        return None if best is None else (best[0], best[2])
+
+    def _stop(self, buf: str, pos: int, stop: str) -> StopResult:
+        self.stopped, self.matched, self._held = True, stop, ""
+        return StopResult(buf[:pos + len(stop)] if self.no_stop_trim else buf[:pos], True, stop)
+
+    def _pending_start(self, buf: str, before: int) -> int | None:
+        """The first position before ``before`` where the rest of ``buf`` is a proper prefix
+        of a stop (one that may still complete and would then start first)."""
+        longest = max(len(s) for s in self.stops)
+        for q in range(max(0, len(buf) - longest + 1), before):
+            tail = buf[q:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stops):
+                return q
+        return None
 
     def _holdback(self, buf: str) -> int:
         """Length of the longest suffix of ``buf`` that is a proper prefix of a stop."""
@@ -119,8 +142,12 @@ class StopStringMatcher:
         return 0
 
     def flush(self) -> str:
-        """At the end of the generation the held tail is plain text."""
+        """At the end of the generation the held tail is plain text, up to a stop it holds
+        (one that waited on a longer candidate that never completed); then ``stopped``."""
         if self.stopped:
             return ""
         held, self._held = self._held, ""
+        best = self._earliest(held) if self.stops else None
+        if best is not None:
+            return self._stop(held, *best).text
         return held

@@ -74,8 +74,8 @@ class DecodeSession:
         out = result.text
         end = finished or result.stopped
         if finished and not result.stopped:
-            out += self.stops.flush()
-        delta = StreamDelta(stopped=result.stopped, matched_stop=result.matched)
+            out += self.stops.flush()  # may still stop on a held stop string
+        delta = StreamDelta(stopped=self.stops.stopped, matched_stop=self.stops.matched)
         if self.reasoning is not None:
             part = self.reasoning.push(out)
             delta.text, delta.reasoning_text = part.text, part.reasoning

@@ -15,8 +15,8 @@ def feed(matcher: StopStringMatcher, pieces: list[str]) -> tuple[str, bool, str]
         out.append(result.text)
         if result.stopped:
             return "".join(out), True, result.matched
-    out.append(matcher.flush())
-    return "".join(out), False, ""
+    out.append(matcher.flush())  # a held stop string still stops here
+    return "".join(out), matcher.stopped, matcher.matched
 
 
 def test_stop_across_chunks() -> None:
@@ -44,6 +44,14 @@ def test_earliest_stop_wins_and_flush() -> None:
     assert feed(m, ["xx fo", "o bar"]) == ("xx ", True, "foo")
     m = StopStringMatcher(["abc"])
     assert feed(m, ["zz a", "b"]) == ("zz ab", False, "")
+
+
+def test_a_longer_stop_that_starts_first_wins_across_chunks() -> None:
+    # "S" is complete after "TS", but "TSS" starts earlier and completes with the next chunk.
+    assert feed(StopStringMatcher(["S", "TSS"]), ["TS", "S"]) == ("", True, "TSS")
+    # It never completes: the shorter stop still ends the text where it starts.
+    assert feed(StopStringMatcher(["S", "TSS"]), ["TS", "x"]) == ("T", True, "S")
+    assert feed(StopStringMatcher(["S", "TSS"]), ["TS"]) == ("T", True, "S")
 
 
 def test_no_stops_passthrough() -> None:
