@@ -200,6 +200,18 @@ def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def start_embedded(start: Callable[..., Proc], wport: int) -> tuple[str, dict[str, int]]:
+    """One gateway process with the router and tokenizer embedded: (base url, pids)."""
+    gport = free_port()
+    gateway = start("embedded-gateway", [
+        "-m", "services.gateway", "--port", str(gport), "--router", "embedded",
+        "--router-args", f"--worker-urls grpc://127.0.0.1:{wport}", "--tokenizer", "embedded",
+        "--log-level", "warning"])
+    base = f"http://127.0.0.1:{gport}"
+    wait_http(f"{base}/health", gateway, lambda r: r.status_code == 200)
+    return base, {"gateway": gateway.proc.pid}
+
+
 def start_stack(start: Callable[..., Proc], label: str, root: Path, wport: int
                 ) -> tuple[str, dict[str, int]]:
     """gateway + tokenizer + router from the source tree ``root``: (base url, pids)."""
@@ -249,6 +261,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             baseline_base, baseline_pids = start_stack(
                 start, "baseline", Path(args.baseline).resolve(), wport)
             baseline_pids.pop("tport")
+        embedded_base, embedded_pids = "", {}
+        if args.embedded:
+            embedded_base, embedded_pids = start_embedded(start, wport)
         smg_base = ""
         smg: Proc | None = None
         if args.smg:
@@ -275,7 +290,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                        ).status_code == 503 and time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
             # The first chat request makes the gateway load the tokenizer from the worker.
-            for url in filter(None, (base, baseline_base)):
+            for url in filter(None, (base, baseline_base, embedded_base)):
                 first = await client.post(f"{url}/v1/chat/completions", json={
                     "model": model, "messages": MESSAGES, "max_tokens": 1})
                 assert first.status_code == 200, first.text
@@ -296,6 +311,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ] + ([("baseline", http_call(
                         client, f"{baseline_base}/v1/chat/completions", model, stream,
                         args.max_tokens), baseline_pids)] if baseline_base else []
+                    ) + ([("embedded", http_call(
+                        client, f"{embedded_base}/v1/chat/completions", model, stream,
+                        args.max_tokens), embedded_pids)] if embedded_base else []
                     ) + ([("smg", http_call(client, f"{smg_base}/v1/chat/completions",
                                             smg_model, stream, args.max_tokens),
                            {"smg": smg.proc.pid})] if smg is not None else [])
@@ -320,6 +338,15 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                             / max(row["smg"]["cpu_ms_per_request"], 1e-6), 2)
                         row["added_p50_ratio_sglmesh_smg"] = round(
                             row["added_p50_ms"] / max(smg_added, 1e-3), 2)
+                    if "embedded" in row:
+                        added = row["embedded"]["p50_ms"] - row["direct"]["p50_ms"]
+                        row["embedded_added_p50_ms"] = round(added, 2)
+                        if "smg" in row:
+                            row["cpu_ratio_embedded_smg"] = round(
+                                row["embedded"]["cpu_ms_per_request"]
+                                / max(row["smg"]["cpu_ms_per_request"], 1e-6), 2)
+                            row["added_p50_ratio_embedded_smg"] = round(
+                                added / max(row["smg_added_p50_ms"], 1e-3), 2)
                     results.append(row)
                     print(summary(row), flush=True)
             await channel.close()
@@ -355,12 +382,19 @@ def summary(row: dict[str, Any]) -> str:
         text += (f" | baseline p50 {b['p50_ms']:7.2f} (+{row['baseline_added_p50_ms']:.2f}) "
                  f"{b['rps']:6.1f} req/s cpu {b['cpu_ms_per_request']:6.2f} ms/req "
                  f"{b['cpu_ms_per_request_by_process']}")
+    if "embedded" in row:
+        e = row["embedded"]
+        text += (f" | embedded p50 {e['p50_ms']:7.2f} (+{row['embedded_added_p50_ms']:.2f}) "
+                 f"{e['rps']:6.1f} req/s cpu {e['cpu_ms_per_request']:6.2f} ms/req")
     if "smg" in row:
         m = row["smg"]
         text += (f" | smg p50 {m['p50_ms']:7.2f} (+{row['smg_added_p50_ms']:.2f}) "
                  f"{m['rps']:6.1f} req/s cpu {m['cpu_ms_per_request']:6.2f} ms/req | ratios "
                  f"cpu {row['cpu_ratio_sglmesh_smg']} added-p50 "
                  f"{row['added_p50_ratio_sglmesh_smg']}")
+        if "embedded" in row:
+            text += (f" | embedded/smg cpu {row['cpu_ratio_embedded_smg']} added-p50 "
+                     f"{row['added_p50_ratio_embedded_smg']}")
     return text
 
 
@@ -371,6 +405,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--smg", action="store_true", help="also measure smg.launch_router")
+    parser.add_argument("--embedded", action="store_true",
+                        help="also measure one gateway process with --router embedded "
+                             "--tokenizer embedded")
     parser.add_argument("--baseline", default="", metavar="DIR",
                         help="also measure a gateway+tokenizer+router started from this source "
                              "tree (before/after in one run)")

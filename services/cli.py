@@ -35,6 +35,11 @@ def _up(argv: list[str]) -> int:
     parser.add_argument("--history-backend", default="sql", choices=("sql", "memory", "none"),
                         help="Where conversations and stored responses live.")
     parser.add_argument("--policy", default="cache_aware", help="Router policy.")
+    parser.add_argument("--embedded", action="store_true",
+                        help="Run the router and the tokenizer inside the gateway process: "
+                             "about half the CPU per request and a third of the added latency "
+                             "(benchmarks/gateway_overhead.py); they can no longer be scaled "
+                             "apart from the gateway.")
     parser.add_argument("--log-dir", type=Path, default=Path(".sglmesh") / "logs",
                         help="One log file per service.")
     parser.add_argument("--log-level", default="info", help="Log level of every service.")
@@ -53,7 +58,7 @@ def _up(argv: list[str]) -> int:
         worker_args=args.worker_arg, prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers, model_path=args.model_path,
         history_db=args.history_db, history_backend=args.history_backend, policy=args.policy,
-        log_dir=args.log_dir,
+        embedded=args.embedded, log_dir=args.log_dir,
         log_level=args.log_level, log_json=args.log_json, trace_file=args.trace_file,
         otlp_endpoint=args.otlp_endpoint, startup_timeout=args.startup_timeout))
 

@@ -70,6 +70,20 @@ def collect(state: dict[str, Any]) -> dict[str, Any]:
                         "context": m.max_context_length, "policy": m.policy})
         except grpc.RpcError as exc:
             report["router_error"] = exc.code().name  # type: ignore[attr-defined]
+    elif gateway_url:  # the router is embedded in the gateway: its admin API over HTTP
+        try:
+            listed = httpx.get(f"{gateway_url}/workers", timeout=5, trust_env=False).json()
+            for w in listed.get("workers", []):
+                report["workers"].append({
+                    "url": w["url"], "model": w["model_id"],
+                    "type": w["worker_type"].removeprefix("WORKER_TYPE_").lower(),
+                    "health": w["health"].removeprefix("WORKER_HEALTH_").lower(),
+                    "breaker": w["circuit_state"].removeprefix("CIRCUIT_STATE_").lower(),
+                    "in_flight": int(w["in_flight_requests"]),
+                    "processed": int(w["processed_requests"]),
+                })
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            report["router_error"] = f"gateway /workers: {exc!r}"
     return report
 
 

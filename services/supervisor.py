@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -90,6 +91,7 @@ class SuiteConfig:
     history_db: str = ""
     history_backend: str = "sql"
     policy: str = "cache_aware"
+    embedded: bool = False  # router and tokenizer inside the gateway process (lowest overhead)
     log_dir: Path = field(default_factory=lambda: Path(".sglmesh") / "logs")
     log_level: str = "info"
     log_json: bool = False
@@ -175,8 +177,9 @@ class Suite:
         roles = (["prefill"] * cfg.prefill_workers + ["decode"] * cfg.decode_workers if pd
                  else ["regular"] * cfg.workers)
         worker_ports = [free_port() for _ in roles]
-        self.ports = {"history": history_port, "router": router_port,
-                      "tokenizer": tokenizer_port, "gateway": cfg.port}
+        self.ports = ({"history": history_port, "gateway": cfg.port} if cfg.embedded else
+                      {"history": history_port, "router": router_port,
+                       "tokenizer": tokenizer_port, "gateway": cfg.port})
         self.ports.update({f"worker-{i}": port for i, port in enumerate(worker_ports)})
         history_db = cfg.history_db or f"sqlite+aiosqlite:///{Path.cwd() / 'sglmesh-history.db'}"
 
@@ -215,7 +218,6 @@ class Suite:
             self._wait_grpc(child, port, deadline, "loading the model")
             self.say(f"  {child.name} ready")
         worker_urls = [f"grpc://127.0.0.1:{port}" for port in worker_ports]
-        self.say(f"starting router ({cfg.policy}, {len(worker_urls)} workers)")
         if pd:
             router_args = ["--policy", cfg.policy, "--pd-disaggregation"]
             for role, port in zip(roles, worker_ports, strict=True):
@@ -227,17 +229,26 @@ class Suite:
                     router_args += ["--decode", f"grpc://127.0.0.1:{port}"]
         else:
             router_args = ["--policy", cfg.policy, "--worker-urls", *worker_urls]
-        router = self._service("router", router_port, *router_args)
-        self.say("starting tokenizer")
-        tokenizer = self._service("tokenizer", tokenizer_port)
-        self._wait_grpc(router, router_port, deadline, "starting")
-        self._wait_grpc(tokenizer, tokenizer_port, deadline, "starting")
-        self.say(f"starting gateway on {cfg.host}:{cfg.port}")
-        # The gateway binds where the user asked; everything else stays on loopback.
-        gateway = self._service(
-            "gateway", cfg.port, "--router", f"127.0.0.1:{router_port}",
-            "--tokenizer", f"127.0.0.1:{tokenizer_port}", "--history", f"127.0.0.1:{history_port}",
-            host=cfg.host)
+        if cfg.embedded:
+            self.say(f"starting gateway on {cfg.host}:{cfg.port} with the router ({cfg.policy}, "
+                     f"{len(worker_urls)} workers) and the tokenizer embedded")
+            gateway = self._service(
+                "gateway", cfg.port, "--router", "embedded", "--router-args",
+                shlex.join(router_args), "--tokenizer", "embedded",
+                "--history", f"127.0.0.1:{history_port}", host=cfg.host)
+        else:
+            self.say(f"starting router ({cfg.policy}, {len(worker_urls)} workers)")
+            router = self._service("router", router_port, *router_args)
+            self.say("starting tokenizer")
+            tokenizer = self._service("tokenizer", tokenizer_port)
+            self._wait_grpc(router, router_port, deadline, "starting")
+            self._wait_grpc(tokenizer, tokenizer_port, deadline, "starting")
+            self.say(f"starting gateway on {cfg.host}:{cfg.port}")
+            # The gateway binds where the user asked; everything else stays on loopback.
+            gateway = self._service(
+                "gateway", cfg.port, "--router", f"127.0.0.1:{router_port}",
+                "--tokenizer", f"127.0.0.1:{tokenizer_port}",
+                "--history", f"127.0.0.1:{history_port}", host=cfg.host)
         url = f"http://{dial_target(cfg.host, cfg.port)}"
         with httpx.Client(trust_env=False) as client:
             while time.monotonic() < deadline:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sglmesh.history.v1 import history_pb2_grpc
 from sglmesh.router.v1 import router_admin_pb2 as admin_pb
 from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
@@ -17,7 +19,8 @@ from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc as tok_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.net import create_channel
-from services.gateway.config import GatewayConfig
+from services.gateway.config import EMBEDDED, GatewayConfig
+from services.gateway.embedded import EmbeddedRouter, EmbeddedTokenizer
 from services.gateway.errors import OpenAIError, from_grpc
 
 
@@ -38,17 +41,25 @@ class Backends:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.router_channel = create_channel(config.router)
-        self.tokenizer_channel = create_channel(config.tokenizer)
-        self.scheduler = pb_grpc.SglangSchedulerStub(self.router_channel)
-        self.router_admin = admin_grpc.RouterAdminServiceStub(self.router_channel)
-        self.router_leases = lease_grpc.RouterLeaseServiceStub(self.router_channel)
+        # An embedded router / tokenizer has no channel: its stubs are set by start().
+        self.embedded_router = (EmbeddedRouter(config.router_args)
+                                if config.router == EMBEDDED else None)
+        self.embedded_tokenizer = (EmbeddedTokenizer(config.tokenizer_args)
+                                   if config.tokenizer == EMBEDDED else None)
+        self.router_channel = None if self.embedded_router else create_channel(config.router)
+        self.tokenizer_channel = (None if self.embedded_tokenizer
+                                  else create_channel(config.tokenizer))
+        if self.router_channel is not None:
+            self.scheduler: Any = pb_grpc.SglangSchedulerStub(self.router_channel)
+            self.router_admin: Any = admin_grpc.RouterAdminServiceStub(self.router_channel)
+            self.router_leases: Any = lease_grpc.RouterLeaseServiceStub(self.router_channel)
         # Relayed HTTP (HTTP workers, --backend openai); never through a proxy for workers.
         self.http = httpx.AsyncClient(
             trust_env=config.backend == "openai", follow_redirects=False,
             timeout=httpx.Timeout(config.upstream_timeout_secs, connect=10.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
-        self.tokenizer = tok_grpc.TokenizerServiceStub(self.tokenizer_channel)
+        if self.tokenizer_channel is not None:
+            self.tokenizer: Any = tok_grpc.TokenizerServiceStub(self.tokenizer_channel)
         self.history_channel = create_channel(config.history) if config.history else None
         self.history = (history_pb2_grpc.HistoryServiceStub(self.history_channel)
                         if self.history_channel else None)
@@ -82,11 +93,40 @@ class Backends:
                                      int(m.get("max_model_len") or 0), 1, "", True, 1)
                 for m in data if isinstance(m, dict) and m.get("id")}
 
+    async def start(self) -> None:
+        """Starts an embedded router and tokenizer (nothing to do for remote ones)."""
+        if self.embedded_tokenizer is not None:
+            await self.embedded_tokenizer.start()
+            self.tokenizer = self.embedded_tokenizer.stub
+        if self.embedded_router is not None:
+            await self.embedded_router.start()
+            self.scheduler = self.embedded_router.scheduler
+            self.router_admin = self.embedded_router.admin
+            self.router_leases = self.embedded_router.leases
+
     async def close(self) -> None:
         await self.http.aclose()
+        for embedded in (self.embedded_router, self.embedded_tokenizer):
+            if embedded is not None:
+                await embedded.stop()
         for channel in (self.router_channel, self.tokenizer_channel, self.history_channel):
             if channel is not None:
                 await channel.close()
+
+    async def health_of(self, service: str) -> str:
+        """A grpc.health serving status name for "router", "tokenizer" or "history"."""
+        channel = {"router": self.router_channel, "tokenizer": self.tokenizer_channel,
+                   "history": self.history_channel}[service]
+        if channel is None:
+            embedded = {"router": self.embedded_router,
+                        "tokenizer": self.embedded_tokenizer}.get(service)
+            return "SERVING" if embedded is not None else "NOT_CONFIGURED"
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
 
     async def models(self, refresh: bool = False) -> dict[str, ServedModel]:
         """The router's models, cached for ``models_cache_secs``."""

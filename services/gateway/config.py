@@ -11,6 +11,7 @@ from services.common.config import ServiceConfig, option
 # Short aliases the issue promises next to the generated SGLMESH_GATEWAY_* names.
 API_KEYS_ENV = "SGLMESH_API_KEYS"
 BACKENDS = ("sglmesh", "openai")
+EMBEDDED = "embedded"  # --router / --tokenizer: in this process instead of at an address
 
 
 @dataclass
@@ -20,8 +21,19 @@ class GatewayConfig(ServiceConfig):
     service_name: ClassVar[str] = "gateway"
 
     port: int = option(8000, help="HTTP port.")
-    router: str = option("127.0.0.1:30100", help="Router address (host:port).")
-    tokenizer: str = option("127.0.0.1:30200", help="Tokenizer service address (host:port).")
+    router: str = option(
+        "127.0.0.1:30100", help="Router address (host:port), or 'embedded': run the router "
+                                "inside this process (its flags in --router-args).")
+    router_args: str = option(
+        "", help="With --router embedded: the router's own flags, e.g. '--worker-urls "
+                 "grpc://10.0.0.5:30000 --policy cache_aware' (SGLMESH_ROUTER_* env vars apply "
+                 "too).")
+    tokenizer: str = option(
+        "127.0.0.1:30200", help="Tokenizer service address (host:port), or 'embedded': tokenize "
+                                "inside this process (its flags in --tokenizer-args).")
+    tokenizer_args: str = option(
+        "", help="With --tokenizer embedded: the tokenizer service's own flags "
+                 "(SGLMESH_TOKENIZER_* env vars apply too).")
     history: str = option("", help="History service address (host:port); empty: no history.")
     api_keys: list[str] = option(
         [], help="Accepted API keys (Authorization: Bearer); each key is its own history tenant; "
@@ -66,6 +78,10 @@ class GatewayConfig(ServiceConfig):
             raise ValueError("--router is required")
         if not self.tokenizer:
             raise ValueError("--tokenizer is required")
+        if self.router_args and self.router != EMBEDDED:
+            raise ValueError("--router-args is for --router embedded")
+        if self.tokenizer_args and self.tokenizer != EMBEDDED:
+            raise ValueError("--tokenizer-args is for --tokenizer embedded")
         if self.request_timeout_secs <= 0:
             raise ValueError("--request-timeout-secs must be positive")
         if not self.api_keys and os.environ.get(API_KEYS_ENV):

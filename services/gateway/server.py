@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -172,8 +173,7 @@ class TelemetryMiddleware:
         span_holder: list[Any] = []
 
         def annotate(status: int) -> str:
-            """Status and matched route on the span (while it records: FastAPI's own span
-            ends with the last body byte, before this middleware's ``finally``)."""
+            """Status and matched route on the span."""
             matched = scope.get("route")
             path = getattr(matched, "path", None) or "unmatched"
             span = span_holder[0] if span_holder else None
@@ -194,17 +194,10 @@ class TelemetryMiddleware:
                 annotate(message["status"])
             await send(message)
 
-        # Recent FastAPI versions open the HTTP server span themselves (continuing the client's
-        # traceparent); annotate that one. Otherwise open it here.
-        current = trace.get_current_span()
-        if current.get_span_context().is_valid and current.is_recording():
-            span_cm: Any = trace.use_span(current, end_on_exit=False)
-        else:
-            span_cm = self.tracer.start_as_current_span(
+        with self.tracer.start_as_current_span(
                 f"{scope['method']} {route}", context=extract_context(headers),
                 kind=SpanKind.SERVER, attributes={"http.method": scope["method"],
-                                                  "http.route": route})
-        with span_cm as span:
+                                                  "http.route": route}) as span:
             span.set_attribute("sglmesh.request_id", request_id)
             span_holder.append(span)
             try:
@@ -258,12 +251,22 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
+# FastAPI >= 0.16x traces every request, dependency and serialisation itself once a tracer
+# provider is set. TelemetryMiddleware already makes the request's span (with the request id)
+# and /metrics has the gateway's metrics: FastAPI's would double both, on every request.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False,
+                   "operation_spans": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
 def create_app(config: GatewayConfig) -> FastAPI:
     state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backends = Backends(config)
+        await backends.start()
         storage = Storage(backends.history, config.history_timeout_secs)
         state["backends"] = backends
         state["chat"] = ChatCompletionService(backends, config.tool_call_parser,
@@ -278,7 +281,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     OpenAIError.retry_after = config.retry_after_secs
     app = FastAPI(title="sglmesh gateway", version="1", lifespan=lifespan, docs_url=None,
                   redoc_url=None,
-                  description="OpenAI-compatible HTTP API over the sglmesh gRPC services.")
+                  description="OpenAI-compatible HTTP API over the sglmesh gRPC services.",
+                  **_NO_NATIVE_TELEMETRY)
     # HTTP workers and --backend openai: relayed inside authentication (added first: innermost).
     install_http_backends(app, state, config)
     # Outermost first: telemetry (request id, span) wraps authentication.

@@ -7,7 +7,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sglmesh.router.v1 import router_admin_pb2 as admin_pb
 from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
@@ -79,21 +78,10 @@ class AdminService:
 
     # ---- probes ----------------------------------------------------------------------------------
 
-    async def _grpc_health(self, channel: grpc.aio.Channel | None) -> str:
-        if channel is None:
-            return "NOT_CONFIGURED"
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2)
-            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-        except grpc.aio.AioRpcError as exc:
-            return str(exc.code().name)
-
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Router and tokenizer SERVING, and some model has a ready worker."""
         b = self.backends
-        router, tokenizer = await asyncio.gather(self._grpc_health(b.router_channel),
-                                                 self._grpc_health(b.tokenizer_channel))
+        router, tokenizer = await asyncio.gather(b.health_of("router"), b.health_of("tokenizer"))
         checks = {"router": router, "tokenizer": tokenizer}
         try:
             models = await b.models()
@@ -108,7 +96,7 @@ class AdminService:
         """Every service answers, and a worker completes a 1-token generation via the router."""
         ok, body = await self.readiness()
         if self.backends.history_channel is not None:
-            body["services"]["history"] = await self._grpc_health(self.backends.history_channel)
+            body["services"]["history"] = await self.backends.health_of("history")
             ok = ok and body["services"]["history"] == "SERVING"
         generation: dict[str, Any] = {"ok": False}
         model_id = next((m for m, n in body["ready_workers"].items() if n), None)

@@ -23,6 +23,8 @@ import grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
+from services.common.inprocess import method_handlers
+
 SERVICE = "sglang.grpc.scheduler.SglangScheduler"
 GENERATE = f"/{SERVICE}/Generate"
 
@@ -57,20 +59,6 @@ def raw_handler(generate: Callable[..., AsyncIterator[Any]]
     return handler
 
 
-class _Capture:
-    """Stands in for a server to read a generated ``add_*_to_server``'s method handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str,
-                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self.handlers = dict(handlers)
-
-
 def _serialize(response: Any) -> bytes:
     """Bytes pass through; a message (an error path or a test double) is serialised."""
     if type(response) is bytes:
@@ -80,9 +68,7 @@ def _serialize(response: Any) -> bytes:
 
 def add_scheduler_to_server(servicer: pb_grpc.SglangSchedulerServicer, server: Any) -> None:
     """``add_SglangSchedulerServicer_to_server`` with Generate relayed as raw bytes."""
-    capture = _Capture()
-    pb_grpc.add_SglangSchedulerServicer_to_server(servicer, capture)
-    handlers = capture.handlers
+    handlers = method_handlers(pb_grpc.add_SglangSchedulerServicer_to_server, servicer)
     handlers["Generate"] = grpc.unary_stream_rpc_method_handler(
         raw_handler(servicer.Generate), request_deserializer=pb.GenerateRequest.FromString,
         response_serializer=_serialize)

@@ -24,7 +24,9 @@ from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
 from services.common.errors import ErrorCode, ServiceError, invalid_argument, not_found
 from services.tokenizer import metrics
 from services.tokenizer.chat_template import ChatTemplateError
+from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.core import DecodeStreamSpec, InvalidRequest, TokenizerCore
+from services.tokenizer.metrics import register_cache_collector
 from services.tokenizer.registry import LoadedTokenizer, TokenizerLoadError, UnknownModel
 from services.tokenizer.remote import fetch_tokenizer_bundle
 from services.tokenizer.stream import DecodeOptions, DecodeSession, StreamDelta
@@ -272,3 +274,32 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
             yield pb.DecodeStreamResponse(
                 index=msg.index, text=delta.text, reasoning_text=delta.reasoning_text,
                 stopped=delta.stopped, matched_stop=delta.matched_stop, tool_calls=calls)
+
+
+def build_service(config: TokenizerConfig, executor: ThreadPoolExecutor) -> TokenizerService:
+    """The service ``config`` describes (its models are loaded by :func:`load_configured`)."""
+    core = TokenizerCore(config.cache_dir, tool_call_parser=config.tool_call_parser,
+                         reasoning_parser=config.reasoning_parser,
+                         cache_max_bytes=config.cache_max_bytes,
+                         cache_max_entries=config.cache_max_entries,
+                         prefix_cache_max_bytes=config.prefix_cache_max_bytes)
+    register_cache_collector(core.registry)
+    return TokenizerService(core, executor, worker_timeout=config.worker_timeout,
+                            inline_max_bytes=config.inline_max_bytes)
+
+
+async def load_configured(service: TokenizerService, config: TokenizerConfig) -> None:
+    """Loads the ``--tokenizer`` models of ``config``; a ServiceError names the failing one."""
+    template = config.chat_template_source()
+    for model, source in config.tokenizer_specs():
+        remote = source.startswith(("grpc://", "grpcs://"))
+        try:
+            tok = await service.load(
+                model, local_path="" if remote else source,
+                worker_target=source if remote else "",
+                chat_template=template or "", wait_for_ready=True)
+        except ServiceError as exc:
+            log.error("cannot load the tokenizer of %s from %s: %s", model, source, exc)
+            raise
+        log.info("loaded tokenizer %s from %s (vocab %d, fingerprint %s)", model, tok.source,
+                 tok.vocab_size, tok.fingerprint[:12])

@@ -175,15 +175,21 @@ def test_json_logs_and_error_sink(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", [["--workers", "3"],
-                                    ["--prefill-workers", "1", "--decode-workers", "1"]],
-                         ids=["sim-fleet", "sim-pd"])
+                                    ["--prefill-workers", "1", "--decode-workers", "1"],
+                                    ["--workers", "2", "--embedded"]],
+                         ids=["sim-fleet", "sim-pd", "sim-embedded"])
 def test_up_with_sim_workers(up_factory, layout: list[str]) -> None:
     up = up_factory("--worker-engine", "sim", "--history-backend", "memory", *layout)
     state = up.wait_up()
     status = json.loads(subprocess.run([*SGLMESH, "status", "--json"], cwd=up.cwd,
                                        capture_output=True, text=True, timeout=60).stdout)
     types = sorted(w["type"] for w in status["workers"])
-    assert types == (["regular"] * 3 if layout[0] == "--workers" else ["decode", "prefill"])
+    regular = int(layout[1]) if layout[0] == "--workers" else 0
+    assert types == (["regular"] * regular if regular else ["decode", "prefill"])
+    if "--embedded" in layout:  # one gateway process serves the router and the tokenizer
+        names = sorted(c["name"].split("-")[0] for c in state["children"])
+        assert names == ["gateway", "history", "worker", "worker"]
+        assert "router" not in state["ports"] and "tokenizer" not in state["ports"]
     assert {w["health"] for w in status["workers"]} == {"ready"}
     reply = httpx.post(f"{state['gateway_url']}/v1/chat/completions", trust_env=False, timeout=60,
                        json={"model": "SmolLM2-135M-Instruct", "max_tokens": 5,
