@@ -4,7 +4,10 @@ continuing the caller's trace, metrics, ServiceError -> status). Real gRPC on lo
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,8 +56,8 @@ class Echo:
         raise invalid_argument("thing", "bad thing")
 
 
-async def test_calls_carry_the_trace_and_server_spans_continue_it() -> None:
-    setup_tracing("test")
+async def test_calls_carry_the_trace_and_server_spans_continue_it(tmp_path: Path) -> None:
+    setup_tracing("test", trace_file=str(tmp_path / "spans.jsonl"))
     server = grpc.aio.server()
     _add_echo(Echo(), InstrumentingRegistrar(server, "echo"))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -90,3 +93,23 @@ async def test_calls_carry_the_trace_and_server_spans_continue_it() -> None:
     finally:
         await channel.close()
         await server.stop(None)
+
+
+def test_without_an_exporter_no_spans_are_recorded_but_the_trace_still_propagates() -> None:
+    """No exporter configured: no SDK provider (no per-span cost), yet a caller's traceparent
+    reaches the next service unchanged. Its own interpreter: the provider is process-global."""
+    code = """
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from services.common.telemetry import extract_context, inject_headers, setup_tracing
+setup_tracing("gateway")
+assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+with trace.get_tracer("t").start_as_current_span(
+        "s", context=extract_context([("traceparent", incoming)])) as span:
+    assert not span.is_recording()
+    print(inject_headers()["traceparent"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
