@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
+from services.common.structs import to_struct
 from services.gateway.backends import Backends, ServedModel
 from services.gateway.errors import OpenAIError, from_grpc, invalid
 from services.gateway.metrics import TTFT, record_usage
@@ -139,6 +139,9 @@ class Generation:
         target = self.target_worker or PINNED_WORKER.get()
         if target:
             metadata += ((TARGET_WORKER_KEY, target),)
+        # Decoded once at the end: one message from the worker (its complete, with every output
+        # id) instead of one per token, each a gRPC read in the router and here.
+        self.generate_request.stream = self.lockstep
         decode_call = self.backends.tokenizer.DecodeStream(metadata=metadata)
         generate_call = self.backends.scheduler.Generate(self.generate_request, metadata=metadata)
         completed = False
@@ -161,7 +164,12 @@ class Generation:
                         if chunk.HasField("output_logprobs"):
                             logprobs += await self._logprobs(chunk.output_logprobs)
                     elif response.HasField("complete"):
-                        self._complete(response.complete)
+                        done = response.complete
+                        self._complete(done)
+                        if not self.generate_request.stream:  # no chunks came: all ids are here
+                            ids += done.output_ids
+                            if done.HasField("output_logprobs"):
+                                logprobs += await self._logprobs(done.output_logprobs)
                 if not self.lockstep:
                     pending += ids
                     if logprobs:
@@ -321,12 +329,6 @@ async def _batches(call: Any) -> AsyncIterator[list[pb.GenerateResponse]]:
         task.cancel()
 
 
-def _to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    json_format.ParseDict(value, struct)
-    return struct
-
-
 def _check_regex(pattern: Any, param: str) -> str:
     if not isinstance(pattern, str) or not pattern:
         raise invalid(param, f"Invalid '{param}': expected a non-empty regular expression.")
@@ -472,9 +474,9 @@ class ChatCompletionService:
         try:
             rendered = await self.backends.tokenizer.RenderChat(tok_pb.RenderChatRequest(
                 model=model.id,
-                messages=[_to_struct(m) for m in messages],
-                tools=[_to_struct(t) for t in tools],
-                template_kwargs=_to_struct(request.chat_template_kwargs or {}),
+                messages=[to_struct(m) for m in messages],
+                tools=[to_struct(t) for t in tools],
+                template_kwargs=to_struct(request.chat_template_kwargs or {}),
                 add_generation_prompt=True,
             ), timeout=30, metadata=((REQUEST_ID_KEY, request_id),))
         except grpc.aio.AioRpcError as exc:
@@ -543,7 +545,7 @@ class ChatCompletionService:
                 prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:],
                 reasoning_parser=reasoning_parser,
                 tool_parser=parser,
-                tools=[_to_struct(t) for t in tools] if parser else [],
+                tools=[to_struct(t) for t in tools] if parser else [],
                 reasoning_open=bool(reasoning_parser)
                 and rendered.prompt.rstrip().endswith("<think>"),
             )

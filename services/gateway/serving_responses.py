@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from sglmesh.history.v1 import history_pb2 as hpb
 
+from services.common.structs import from_struct, to_struct
 from services.gateway.errors import OpenAIError, invalid
 from services.gateway.items import items_to_messages, list_page, new_id, normalize_input
 from services.gateway.protocol import ChatCompletionRequest, ResponsesRequest
@@ -28,13 +29,7 @@ from services.gateway.serving_conversations import (
     check_metadata,
     page_params,
 )
-from services.gateway.storage import (
-    Storage,
-    from_struct,
-    item_from_proto,
-    item_to_proto,
-    to_struct,
-)
+from services.gateway.storage import Storage, item_from_proto, item_to_proto
 
 log = logging.getLogger(__name__)
 

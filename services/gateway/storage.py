@@ -6,12 +6,12 @@ import hashlib
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 from sglmesh.history.v1 import history_pb2 as hpb
 from sglmesh.history.v1 import history_pb2_grpc
 
+from services.common.structs import from_struct, to_struct
 from services.gateway.errors import OpenAIError, from_history
-from services.gateway.items import integral, stored_item
+from services.gateway.items import stored_item
 
 DEFAULT_TENANT = "default"
 REQUEST_ID_KEY = "x-request-id"
@@ -22,17 +22,6 @@ def tenant_for_key(api_key: str | None) -> str:
     if not api_key:
         return DEFAULT_TENANT
     return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:32]
-
-
-def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    if value:
-        json_format.ParseDict(value, struct)
-    return struct
-
-
-def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
-    return integral(json_format.MessageToDict(value))  # type: ignore[no-any-return]
 
 
 def item_to_proto(item: dict[str, Any]) -> hpb.Item:

@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 from sglmesh.tokenizer.v1 import tokenizer_pb2 as pb
 from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
 from services.common.errors import ErrorCode, ServiceError, invalid_argument, not_found
+from services.common.structs import from_struct
 from services.tokenizer import metrics
 from services.tokenizer.chat_template import ChatTemplateError
 from services.tokenizer.config import TokenizerConfig
@@ -34,21 +34,6 @@ from services.tokenizer.stream import DecodeOptions, DecodeSession, StreamDelta
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = "sglmesh.tokenizer.v1.TokenizerService"
-
-
-def _py(value: Any) -> Any:
-    """Struct values are doubles: give integral numbers back their int type."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _py(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_py(v) for v in value]
-    return value
-
-
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return _py(json_format.MessageToDict(struct))  # type: ignore[no-any-return]
 
 
 def to_service_error(exc: BaseException) -> ServiceError | None:
@@ -197,12 +182,12 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.RenderChatResponse:
         def render() -> tuple[str, list[int]]:
             return self.core.render_chat(
-                request.model, [struct_to_dict(m) for m in request.messages],
-                tools=[struct_to_dict(t) for t in request.tools] or None,
-                documents=[struct_to_dict(d) for d in request.documents] or None,
+                request.model, [from_struct(m) for m in request.messages],
+                tools=[from_struct(t) for t in request.tools] or None,
+                documents=[from_struct(d) for d in request.documents] or None,
                 add_generation_prompt=(request.add_generation_prompt
                                        if request.HasField("add_generation_prompt") else None),
-                template_kwargs=(struct_to_dict(request.template_kwargs)
+                template_kwargs=(from_struct(request.template_kwargs)
                                  if request.HasField("template_kwargs") else None),
                 continue_final_message=request.continue_final_message,
             )
@@ -251,7 +236,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 spec = await self._run_sized(start.ByteSize(), self.core.open_stream,
                                              start.model, options, start.reasoning_parser,
                                              start.tool_parser, start.reasoning_open,
-                                             [struct_to_dict(t) for t in start.tools])
+                                             [from_struct(t) for t in start.tools])
                 continue
             if kind != "tokens":
                 raise invalid_argument("start" if kind == "start" else "request",

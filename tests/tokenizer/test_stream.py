@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import struct_pb2
-
+from services.common.structs import from_struct, to_struct
 from services.tokenizer.reasoning import create_reasoning_parser
-from services.tokenizer.server import struct_to_dict
 from services.tokenizer.stream import DecodeOptions, DecodeSession
 
 
@@ -36,7 +34,7 @@ def test_special_tokens_kept_when_asked(loaded: Any) -> None:
 
 
 def test_struct_numbers_keep_int_type() -> None:
-    s = struct_pb2.Struct()
-    s.update({"a": 1, "b": 1.5, "c": [2, {"d": 3}], "e": None, "f": True})
-    assert struct_to_dict(s) == {"a": 1, "b": 1.5, "c": [2, {"d": 3}], "e": None, "f": True}
-    assert isinstance(struct_to_dict(s)["a"], int)
+    value = {"a": 1, "b": 1.5, "c": [2, {"d": 3, "e": []}], "e": None, "f": True, "g": {}}
+    back = from_struct(to_struct(value))
+    assert back == value
+    assert isinstance(back["a"], int) and isinstance(back["c"][1]["d"], int)
