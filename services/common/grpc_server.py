@@ -23,13 +23,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from services.common.config import ServiceConfig
 from services.common.errors import ServiceError
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS, start_metrics_server
 from services.common.net import dial_target, format_target
-from services.common.telemetry import extract_context
+from services.common.telemetry import server_span
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,8 @@ def instrument_handler(service: str, method: str, handler: grpc.RpcMethodHandler
     def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
-            with tracer.start_as_current_span(
-                method, context=extract_context(context.invocation_metadata()),
-                kind=SpanKind.SERVER, attributes=attributes,
-            ) as span:
+            with server_span(tracer, method, context.invocation_metadata() or (),
+                             attributes) as span:
                 error: BaseException | None = None
                 try:
                     return await behavior(request, context)
@@ -127,10 +125,8 @@ def instrument_handler(service: str, method: str, handler: grpc.RpcMethodHandler
                     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
-            with tracer.start_as_current_span(
-                method, context=extract_context(context.invocation_metadata()),
-                kind=SpanKind.SERVER, attributes=attributes,
-            ) as span:
+            with server_span(tracer, method, context.invocation_metadata() or (),
+                             attributes) as span:
                 error: BaseException | None = None
                 try:
                     async for item in behavior(request, context):

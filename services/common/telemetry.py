@@ -10,10 +10,12 @@ worker and history.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -104,6 +106,45 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
+def tracing_enabled() -> bool:
+    """Whether spans are recorded (an exporter was configured by :func:`setup_tracing`)."""
+    return _configured
+
+
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
+def server_span(tracer: trace.Tracer, name: str, carrier: Sequence[tuple[str, Any]],
+                attributes: dict[str, Any]) -> AbstractContextManager[trace.Span]:
+    """A server span continuing the caller's trace (``traceparent`` in ``carrier``, gRPC
+    metadata or HTTP headers) while tracing is on. Off, no span is built: the caller's context
+    is only made current, so outgoing calls still carry it."""
+    if _configured:
+        return tracer.start_as_current_span(name, context=extract_context(carrier),
+                                            kind=trace.SpanKind.SERVER, attributes=attributes)
+    for key, _ in carrier:
+        if key.lower() == "traceparent":
+            return _current(extract_context(carrier))
+    return _NO_SPAN
+
+
+def internal_span(tracer: trace.Tracer, name: str, attributes: dict[str, Any]
+                  ) -> AbstractContextManager[trace.Span]:
+    """``tracer.start_as_current_span``, or nothing to build while tracing is off."""
+    if _configured:
+        return tracer.start_as_current_span(name, attributes=attributes)
+    return _NO_SPAN
+
+
+@contextlib.contextmanager
+def _current(ctx: otel_context.Context) -> Iterator[trace.Span]:
+    token = otel_context.attach(ctx)
+    try:
+        yield trace.get_current_span()
+    finally:
+        otel_context.detach(token)
+
+
 def extract_context(metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
     """The trace context carried by incoming gRPC metadata (or HTTP headers)."""
     carrier = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
@@ -120,6 +161,8 @@ def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
 def with_trace_metadata(metadata: Any) -> Any:
     """``metadata`` (a sequence of pairs, ``grpc.aio.Metadata`` or None) with the current trace
     context added; keys the context sets replace the caller's. Unchanged when there is none."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return metadata  # no trace to continue (the common case with tracing off): no work
     carrier = inject_headers()
     if not carrier:
         return metadata

@@ -14,13 +14,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.telemetry import extract_context
+from services.common.telemetry import server_span
 from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
 from services.gateway.dashboard import install_dashboard
@@ -194,10 +194,8 @@ class TelemetryMiddleware:
                 annotate(message["status"])
             await send(message)
 
-        with self.tracer.start_as_current_span(
-                f"{scope['method']} {route}", context=extract_context(headers),
-                kind=SpanKind.SERVER, attributes={"http.method": scope["method"],
-                                                  "http.route": route}) as span:
+        with server_span(self.tracer, f"{scope['method']} {route}", headers,
+                         {"http.method": scope["method"], "http.route": route}) as span:
             span.set_attribute("sglmesh.request_id", request_id)
             span_holder.append(span)
             try:

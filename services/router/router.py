@@ -20,6 +20,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from services.common.errors import ErrorCode, ServiceError
 from services.common.net import strip_scheme
+from services.common.telemetry import internal_span, tracing_enabled
 from services.router import metrics
 from services.router.admission import Admission, auto_max_concurrent
 from services.router.config import RouterConfig
@@ -372,7 +373,7 @@ class Router:
             fresh = [w for w in candidates if w.url not in exclude]
             candidates = fresh or candidates
         policy = self.policy_for(model_id, worker_type)
-        with tracer.start_as_current_span("router.select", attributes={
+        with internal_span(tracer, "router.select", {
                 "sglmesh.model": model_id, "sglmesh.policy": policy.name,
                 "sglmesh.leg": worker_type.value, "sglmesh.candidates": len(candidates)}) as span:
             worker = policy.select_worker(candidates, info) if candidates else None
@@ -502,7 +503,8 @@ class Router:
         outcome = Outcome.IGNORED
         span = tracer.start_span("router.attempt", attributes={
             "sglmesh.worker": worker.url, "sglmesh.leg": worker.worker_type.value,
-            "sglmesh.request_id": request.request_id})
+            "sglmesh.request_id": request.request_id}) if tracing_enabled() else (
+            trace.get_current_span())  # tracing off: the caller's context goes on as it is
         code = "CANCELLED"
         self.begin_request(request.request_id, worker)
         rank = request.data_parallel_rank if request.HasField("data_parallel_rank") else None

@@ -101,14 +101,17 @@ def test_without_an_exporter_no_spans_are_recorded_but_the_trace_still_propagate
     code = """
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
-from services.common.telemetry import extract_context, inject_headers, setup_tracing
+from services.common.telemetry import server_span, setup_tracing, with_trace_metadata
 setup_tracing("gateway")
 assert not isinstance(trace.get_tracer_provider(), TracerProvider)
 incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-with trace.get_tracer("t").start_as_current_span(
-        "s", context=extract_context([("traceparent", incoming)])) as span:
+tracer = trace.get_tracer("t")
+assert with_trace_metadata((("x-request-id", "r"),)) == (("x-request-id", "r"),)
+with server_span(tracer, "s", [("traceparent", incoming)], {}) as span:
     assert not span.is_recording()
-    print(inject_headers()["traceparent"])
+    print(dict(with_trace_metadata((("x-request-id", "r"),)))["traceparent"])
+with server_span(tracer, "s", [("x-request-id", "r")], {}) as span:
+    assert not span.get_span_context().is_valid and with_trace_metadata(None) is None
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
