@@ -27,7 +27,8 @@ Arms:
   (event-driven mode). The client posts ``/generate`` with the same ``input_ids``
   (:mod:`benchmarks.router_smg`). ``smg_warmup_off``: the same with
   ``--worker-warmup-secs 0`` (SMG's 1.13 warm-up slice targets workers registered < 60 s
-  ago, which every worker of a fresh benchmark gateway is).
+  ago, which every worker of a fresh benchmark gateway is). With ``--replicas`` the SMG arms
+  run again as that many SMG gateways, each request to a random one.
 
 Measured the same way for every arm, at the workers (an in-process probe around each sim
 engine's ``generate``): cache hit rate (cached prompt tokens / prompt tokens), worker TTFT
@@ -185,9 +186,16 @@ async def front_door(arm: str, replicas: int, urls: list[str], args: argparse.Na
                      ) -> AsyncIterator[Send]:
     """How the client reaches this arm: ``send(request_id, prompt) -> (ttft, output_ids)``."""
     if arm in SMG_ARMS:
-        async with run_smg(urls, args.model_dir, args.model_dir.name,
-                           [*SMG_ARMS[arm], *args.smg_args]) as gateway:
+        # Several SMG gateways over the same workers, as behind a load balancer: each request
+        # to a random one (SMG keeps its cache view per gateway, fed by the same KV events).
+        async with contextlib.AsyncExitStack() as stack:
+            gateways = [await stack.enter_async_context(run_smg(
+                urls, args.model_dir, args.model_dir.name, [*SMG_ARMS[arm], *args.smg_args]))
+                for _ in range(replicas)]
+            pick = random.Random(args.seed + 1)
+
             async def send_smg(request_id: str, prompt: list[int]) -> tuple[float, list[int]]:
+                gateway = gateways[pick.randrange(len(gateways))]
                 reply = await gateway.generate(prompt, args.output_tokens)
                 return reply.client_ttft, reply.output_ids
 
@@ -366,7 +374,15 @@ def verdicts(summary: dict[tuple[str, int], dict[str, Any]], replicas: int) -> l
             better = a > b if key == "hit_rate" else a < b
             lines.append(f"precise vs smg, {label}: {a:.3f} vs {b:.3f} -> "
                          f"{'sglmesh better' if better else 'SMG better or equal'}")
-    for arm in ("cache_aware_precise", "cache_aware_approx"):
+    precise_many, smg_many = (summary.get(("cache_aware_precise", replicas)),
+                              summary.get(("smg", replicas)))
+    if precise_many and smg_many and replicas > 1:
+        for key, label in (("hit_rate", "hit rate"), ("worker_ttft_p50_ms", "worker TTFT p50")):
+            a, b = precise_many[key], smg_many[key]
+            better = a > b if key == "hit_rate" else a < b
+            lines.append(f"{replicas} precise vs {replicas} smg, {label}: {a:.3f} vs {b:.3f} -> "
+                         f"{'sglmesh better' if better else 'SMG better or equal'}")
+    for arm in ("cache_aware_precise", "cache_aware_approx", "smg"):
         one, many = summary.get((arm, 1)), summary.get((arm, replicas))
         if one and many and replicas > 1:
             delta = 100 * (one["hit_rate"] - many["hit_rate"])
@@ -382,7 +398,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         probe.install(w, f"grpc://127.0.0.1:{w.port}")
     plan = [(arm, 1) for arm in args.arms]
     if args.replicas > 1:
-        plan += [(arm, args.replicas) for arm in args.arms if arm.startswith("cache_aware")]
+        plan += [(arm, args.replicas) for arm in args.arms
+                 if arm.startswith("cache_aware") or arm in SMG_ARMS]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     ceilings = []
     try:

@@ -107,8 +107,9 @@ def shutdown_tracing() -> None:
 
 
 def tracing_enabled() -> bool:
-    """Whether spans are recorded (an exporter was configured by :func:`setup_tracing`)."""
-    return _configured
+    """Whether spans are recorded: an SDK tracer provider is installed (by
+    :func:`setup_tracing` with an exporter, or by a test)."""
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
 
 
 _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
@@ -119,7 +120,7 @@ def server_span(tracer: trace.Tracer, name: str, carrier: Sequence[tuple[str, An
     """A server span continuing the caller's trace (``traceparent`` in ``carrier``, gRPC
     metadata or HTTP headers) while tracing is on. Off, no span is built: the caller's context
     is only made current, so outgoing calls still carry it."""
-    if _configured:
+    if tracing_enabled():
         return tracer.start_as_current_span(name, context=extract_context(carrier),
                                             kind=trace.SpanKind.SERVER, attributes=attributes)
     for key, _ in carrier:
@@ -131,7 +132,7 @@ def server_span(tracer: trace.Tracer, name: str, carrier: Sequence[tuple[str, An
 def internal_span(tracer: trace.Tracer, name: str, attributes: dict[str, Any]
                   ) -> AbstractContextManager[trace.Span]:
     """``tracer.start_as_current_span``, or nothing to build while tracing is off."""
-    if _configured:
+    if tracing_enabled():
         return tracer.start_as_current_span(name, attributes=attributes)
     return _NO_SPAN
 

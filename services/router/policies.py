@@ -99,11 +99,11 @@ def least_loaded(workers: Sequence[Worker]) -> Worker | None:
     the first worker, and is deterministic for replicas that saw the same traffic."""
     if not workers:
         return None
-    best = workers[0]
+    best, best_load = workers[0], workers[0].load
     for worker in workers:
-        load = worker.in_flight
-        if load < best.in_flight or (load == best.in_flight and worker.processed < best.processed):
-            best = worker
+        load = worker.load
+        if load < best_load or (load == best_load and worker.processed < best.processed):
+            best, best_load = worker, load
     return best
 
 
@@ -417,9 +417,10 @@ class CacheAwarePolicy(PolicyBase):
         best = lightest = workers[0]
         best_score = -1
         total = 0
+        loads: dict[str, int] = {}
         for worker in workers:
             url = worker.url
-            load = worker.in_flight
+            load = loads[url] = worker.load
             total += load
             if not live or url in live:
                 score = scores.get(url, 0)
@@ -428,11 +429,11 @@ class CacheAwarePolicy(PolicyBase):
                     tree_scores = tree.match_per_tenant(tokens)
                 score = tree_scores.get(url, 0)
             if score > best_score or (score == best_score and (
-                    load < best.in_flight or (load == best.in_flight
-                                              and worker.processed < best.processed))):
+                    load < loads[best.url] or (load == loads[best.url]
+                                               and worker.processed < best.processed))):
                 best, best_score = worker, score
-            if load < lightest.in_flight or (load == lightest.in_flight
-                                             and worker.processed < lightest.processed):
+            if load < loads[lightest.url] or (load == loads[lightest.url]
+                                              and worker.processed < lightest.processed):
                 lightest = worker
         # A match only counts above cache_threshold of the prompt, in both modes: every prompt
         # shares its chat template's opening tokens, and following those alone would pile all
@@ -450,8 +451,9 @@ class CacheAwarePolicy(PolicyBase):
         mean = total / len(workers)
         abs_margin = self.config.balance_abs_threshold
         abs_margin = min(abs_margin, max(min(4.0, abs_margin), 2.0 * math.sqrt(mean)))
-        if (chosen is not lightest and chosen.in_flight > mean * self.config.balance_rel_threshold
-                and chosen.in_flight > mean + abs_margin):
+        chosen_load = loads[chosen.url]
+        if (chosen is not lightest and chosen_load > mean * self.config.balance_rel_threshold
+                and chosen_load > mean + abs_margin):
             self.stats.spills += 1
             chosen = lightest
         if not live or chosen.url not in live:

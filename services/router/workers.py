@@ -62,6 +62,9 @@ class ModelCard:
             a.endswith("ForSequenceClassification") for a in self.architectures))
 
 
+REPORTED_LOAD_TTL_S = 1.0  # a pushed load older than this no longer counts (heartbeats: 2 s)
+
+
 @dataclass
 class EngineLoad:
     """The engine's own view of its load (GetLoads poll, or pushed on the KV-event stream)."""
@@ -111,8 +114,15 @@ class Worker:
 
     @property
     def load(self) -> int:
-        """The load policies compare: requests this router has in flight on the worker."""
-        return self.in_flight
+        """The load policies compare: requests this router has in flight on the worker, or what
+        the worker itself last pushed on its KV-event stream (running + waiting) if that is
+        more and recent. Behind several router replicas the worker's own count is the only one
+        that includes the other replicas' requests."""
+        reported = self.engine_load
+        if (reported is None or reported.source != "events"
+                or time.monotonic() - reported.update_time > REPORTED_LOAD_TTL_S):
+            return self.in_flight
+        return max(self.in_flight, reported.running_requests + reported.waiting_requests)
 
     def next_dp_rank(self) -> int:
         """Data-parallel rank for the next request: the rank with the fewest of this router's

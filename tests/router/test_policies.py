@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 from services.router.config import RouterConfig
 from services.router.policies import (
@@ -17,7 +18,7 @@ from services.router.policies import (
 )
 from services.router.resilience import CircuitBreaker, CircuitBreakerConfig, Outcome
 from services.router.router import Router
-from services.router.workers import Health, ModelCard, Worker, WorkerType
+from services.router.workers import EngineLoad, Health, ModelCard, Worker, WorkerType
 
 
 def workers(n: int) -> list[Worker]:
@@ -36,6 +37,29 @@ def test_least_loaded_breaks_ties_by_processed_then_order() -> None:
     assert least_loaded(ws) is ws[1]
     ws[1].in_flight = 1
     assert least_loaded(ws) is ws[2]
+
+
+def test_load_counts_what_the_worker_pushed_when_other_routers_add_to_it() -> None:
+    """Behind several router replicas each sees only its own in-flight requests; the load a
+    worker pushes on its KV-event stream (running + waiting) counts while it is fresh."""
+    ws = workers(2)
+    ws[0].in_flight = 1
+    ws[0].engine_load = EngineLoad(running_requests=6, waiting_requests=2, source="events",
+                                   update_time=time.monotonic())
+    assert ws[0].load == 8 and least_loaded(ws) is ws[1]
+    ws[0].engine_load.update_time -= 5  # stale: only this router's own count is known
+    assert ws[0].load == 1
+    ws[0].engine_load = EngineLoad(running_requests=6, source="poll",
+                                   update_time=time.monotonic())
+    assert ws[0].load == 1  # polled loads lag by a poll interval: not used for placement
+    # A prefix holder another replica has loaded up spills like one this router loaded.
+    policy = CacheAwarePolicy(PolicyConfig(balance_abs_threshold=4, balance_rel_threshold=1.5))
+    ws = workers(4)
+    prompt = list(range(200))
+    assert policy.select_worker(ws, info(prompt)) is ws[0]
+    ws[0].engine_load = EngineLoad(running_requests=12, source="events",
+                                   update_time=time.monotonic())
+    assert policy.select_worker(ws, info(prompt)) is ws[1] and policy.stats.spills == 1
 
 
 # ------------------------------------------------------------------- cache_aware
