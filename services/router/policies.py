@@ -18,7 +18,7 @@ import math
 import random
 import time
 from array import array
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -105,6 +105,11 @@ def least_loaded(workers: Sequence[Worker]) -> Worker | None:
         if load < best_load or (load == best_load and worker.processed < best.processed):
             best, best_load = worker, load
     return best
+
+
+# Tokens of a prompt's opening that pick a new prefix's worker among equally loaded ones: long
+# enough to get past a chat template's fixed opening into the system prompt.
+PLACEMENT_KEY_TOKENS = 256
 
 
 def stable_hash(data: bytes) -> int:
@@ -302,9 +307,15 @@ class DispatchBookings:
         self._clock = clock
         self._holders: dict[int, dict[str, float]] = {}  # chain hash -> url -> expiry
         self._expiries: deque[tuple[float, int, str]] = deque()
+        self._per_worker: Counter[str] = Counter()  # live booked blocks per url
 
     def __len__(self) -> int:
         return len(self._holders)
+
+    def blocks(self, url: str) -> int:
+        """Blocks booked on ``url`` that have not expired (nor been forgotten)."""
+        self._expire(self._clock())
+        return self._per_worker[url]
 
     def _expire(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
@@ -312,6 +323,7 @@ class DispatchBookings:
             holders = self._holders.get(chash)
             if holders is not None and holders.get(url, now + 1) <= now:
                 del holders[url]
+                self._per_worker[url] -= 1
                 if not holders:
                     del self._holders[chash]
 
@@ -320,7 +332,10 @@ class DispatchBookings:
             return
         expiry = self._clock() + self.ttl
         for chash in chain:
-            self._holders.setdefault(chash, {})[url] = expiry
+            holders = self._holders.setdefault(chash, {})
+            if url not in holders:
+                self._per_worker[url] += 1
+            holders[url] = expiry
             self._expiries.append((expiry, chash, url))
 
     def match(self, chain: Sequence[int], block_size: int) -> dict[str, int]:
@@ -345,6 +360,7 @@ class DispatchBookings:
             del self._holders[chash][url]
             if not self._holders[chash]:
                 del self._holders[chash]
+        self._per_worker.pop(url, None)
 
 
 class CacheAwarePolicy(PolicyBase):
@@ -368,6 +384,10 @@ class CacheAwarePolicy(PolicyBase):
     here, and then routes every prompt by its shared chat-template opening); the same spill
     gate applies. Workers without events (UNIMPLEMENTED) keep using the
     approximate tree.
+
+    Load is :attr:`Worker.load` (this router's in-flight requests, or the worker's own pushed
+    count when higher). A miss among equally loaded workers goes to the emptiest cache, then by
+    a hash of the prompt's opening (:meth:`_place_new_prefix`), so router replicas agree.
     """
 
     name = "cache_aware"
@@ -439,7 +459,8 @@ class CacheAwarePolicy(PolicyBase):
         # shares its chat template's opening tokens, and following those alone would pile all
         # traffic onto whichever worker cached them first (seen with real SGLang workers).
         hit = best_score > 0 and best_score / len(tokens) > self.config.cache_threshold
-        chosen = best if hit else lightest
+        chosen = best if hit else self._place_new_prefix(workers, loads, loads[lightest.url],
+                                                         tokens, index)
         if hit:
             self.stats.hits += 1
         else:
@@ -462,6 +483,26 @@ class CacheAwarePolicy(PolicyBase):
         elif index is not None and index.block_size:
             self.bookings.book(chosen.url, prompt_chain(tokens, index.block_size))
         return chosen
+
+    def _place_new_prefix(self, workers: Sequence[Worker], loads: dict[str, int],
+                          lightest: int, tokens: array, index: KvIndex | None) -> Worker:
+        """A miss: the least-loaded worker; among equally loaded ones the emptiest cache, then
+        the one the prompt's opening tokens hash to (rendezvous).
+
+        With KV events a cache's size is its blocks in the shared event index plus those this
+        router booked and no event reported yet, and the hash is the same everywhere: router
+        replicas that have not yet heard where a new prefix went still tend to send it to the
+        same worker, where it is about to be cached, instead of each prefilling it somewhere
+        else. Without events, "emptiest" is the fewest requests this router has sent there."""
+        tied = [w for w in workers if loads[w.url] == lightest]
+        if len(tied) == 1:
+            return tied[0]
+        key = tokens[:PLACEMENT_KEY_TOKENS].tobytes()
+        if index is not None and index.live_urls:
+            bookings = self.bookings
+            return min(tied, key=lambda w: (index.blocks(w.url) + bookings.blocks(w.url),
+                                            -stable_hash(key + w.url.encode())))
+        return min(tied, key=lambda w: (w.processed, -stable_hash(key + w.url.encode())))
 
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)

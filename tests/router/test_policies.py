@@ -9,6 +9,7 @@ from services.router.config import RouterConfig
 from services.router.policies import (
     CacheAwarePolicy,
     ConsistentHashingPolicy,
+    DispatchBookings,
     ManualPolicy,
     PolicyConfig,
     PrefixHashPolicy,
@@ -56,13 +57,52 @@ def test_load_counts_what_the_worker_pushed_when_other_routers_add_to_it() -> No
     policy = CacheAwarePolicy(PolicyConfig(balance_abs_threshold=4, balance_rel_threshold=1.5))
     ws = workers(4)
     prompt = list(range(200))
-    assert policy.select_worker(ws, info(prompt)) is ws[0]
-    ws[0].engine_load = EngineLoad(running_requests=12, source="events",
-                                   update_time=time.monotonic())
-    assert policy.select_worker(ws, info(prompt)) is ws[1] and policy.stats.spills == 1
+    holder = policy.select_worker(ws, info(prompt))
+    holder.engine_load = EngineLoad(running_requests=12, source="events",
+                                    update_time=time.monotonic())
+    spilled = policy.select_worker(ws, info(prompt))
+    assert spilled is not holder and policy.stats.spills == 1
 
 
 # ------------------------------------------------------------------- cache_aware
+
+
+def test_a_new_prefix_goes_where_every_replica_would_send_it() -> None:
+    """Misses among equally loaded, equally empty workers are placed by a hash of the prompt's
+    opening: two policies (router replicas) that share nothing agree, and different prefixes
+    still spread."""
+    ws_a, ws_b = workers(8), workers(8)
+    a, b = CacheAwarePolicy(PolicyConfig()), CacheAwarePolicy(PolicyConfig())
+    systems = [list(range(s * 1000, s * 1000 + 300)) for s in range(8)]
+    picks = [a.select_worker(ws_a, info(system + [7])).url for system in systems]
+    assert picks == [b.select_worker(ws_b, info(system + [9])).url for system in systems]
+    assert len(set(picks)) > 3  # not one worker for everything
+    # Within one router the fewest requests sent breaks the tie first: a fresh prefix goes to
+    # a worker that has none yet.
+    policy = CacheAwarePolicy(PolicyConfig())
+    ws = workers(4)
+    used = set()
+    for system in systems[:4]:
+        chosen = policy.select_worker(ws, info(system))
+        chosen.processed += 1
+        used.add(chosen.url)
+    assert len(used) == 4
+
+
+def test_bookings_count_live_blocks_per_worker() -> None:
+    now = [0.0]
+    bookings = DispatchBookings(2.0, clock=lambda: now[0])
+    bookings.book("a", [1, 2, 3])
+    bookings.book("a", [1, 2, 3, 4])  # a longer prompt on the same prefix: one block more
+    bookings.book("b", [1])
+    assert (bookings.blocks("a"), bookings.blocks("b")) == (4, 1)
+    now[0] = 2.5  # expired
+    assert (bookings.blocks("a"), bookings.blocks("b")) == (0, 0)
+    bookings.book("a", [5])
+    bookings.forget("a")
+    assert bookings.blocks("a") == 0 and bookings.match([5], 16) == {}
+
+
 
 
 def test_cache_aware_follows_the_cache_above_the_threshold() -> None:
@@ -70,7 +110,7 @@ def test_cache_aware_follows_the_cache_above_the_threshold() -> None:
     policy = CacheAwarePolicy(PolicyConfig(cache_threshold=0.5))
     system = list(range(1000, 1100))
     first = policy.select_worker(ws, info(system + [1, 2, 3]))
-    assert first is ws[0] and policy.stats.misses == 1
+    assert policy.stats.misses == 1
     first.processed += 1  # the router's guard counts it
     # Same long prefix: a hit, the holder wins although others are equally idle.
     for i in range(5):
@@ -78,9 +118,9 @@ def test_cache_aware_follows_the_cache_above_the_threshold() -> None:
         assert chosen is first
         chosen.processed += 1
     assert policy.stats.hits == 5
-    # A different prompt is a miss: least loaded (processed breaks the tie away from w0).
+    # A different prompt is a miss: least loaded (processed breaks the tie away from `first`).
     other = policy.select_worker(ws, info(range(5000, 5100)))
-    assert other is ws[1]
+    assert other is not first and policy.stats.misses == 2
 
 
 def test_cache_aware_below_threshold_goes_least_loaded() -> None:
@@ -96,14 +136,14 @@ def test_cache_aware_spills_an_overloaded_holder() -> None:
     ws = workers(4)
     policy = CacheAwarePolicy(PolicyConfig(balance_abs_threshold=4, balance_rel_threshold=1.5))
     prompt = list(range(200))
-    assert policy.select_worker(ws, info(prompt)) is ws[0]
-    ws[0].in_flight = 5  # mean 1.25: 5 > 1.875 but not > 5.25: stays
-    assert policy.select_worker(ws, info(prompt)) is ws[0]
-    ws[0].in_flight = 12  # mean 3: 12 > 4.5 and > 7: spill to the least loaded
+    holder = policy.select_worker(ws, info(prompt))
+    holder.in_flight = 5  # mean 1.25: 5 > 1.875 but not > 5.25: stays
+    assert policy.select_worker(ws, info(prompt)) is holder
+    holder.in_flight = 12  # mean 3: 12 > 4.5 and > 7: spill to the least loaded
     spilled = policy.select_worker(ws, info(prompt))
-    assert spilled is ws[1] and policy.stats.spills == 1
+    assert spilled is not holder and policy.stats.spills == 1
     # The spill target now also holds the prefix (hot prefixes replicate).
-    assert policy.tree.prefix_match(prompt).tenants == {ws[0].url, ws[1].url}
+    assert policy.tree.prefix_match(prompt).tenants == {holder.url, spilled.url}
 
 
 def test_cache_aware_eviction_and_removed_worker_purge() -> None:
