@@ -9,6 +9,13 @@ level, divided by its requests (read from /proc/<pid>/stat).
 
     .venv/bin/python benchmarks/gateway_overhead.py --concurrency 1 16 64 --requests 300 --smg
 
+``--embedded`` adds one gateway process with the router and the tokenizer embedded
+(``--router embedded --tokenizer embedded``), and a gateway with only the tokenizer embedded in
+front of a router process (path ``tok_embedded``). ``--floor`` adds what any Python gateway pays
+before its own work: path ``bare_http`` (FastAPI + uvicorn with the gateway's settings, parsing
+the request and answering a fixed reply: ``bare_http_app.py``), and the CPU the benchmark's own
+process spends on the ``direct`` path, i.e. one grpc.aio Generate call from Python.
+
 Before/after: ``--baseline DIR`` starts a second gateway + tokenizer + router from another
 source tree (e.g. ``git archive <rev> | tar -x -C DIR``) on the same worker and measures it as
 path ``baseline`` in the same levels; ``--repeat N`` runs every level N times with the paths
@@ -200,16 +207,29 @@ def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def start_embedded(start: Callable[..., Proc], wport: int) -> tuple[str, dict[str, int]]:
-    """One gateway process with the router and tokenizer embedded: (base url, pids)."""
+def start_embedded(start: Callable[..., Proc], wport: int, router: bool = True
+                   ) -> tuple[str, dict[str, int]]:
+    """A gateway with the tokenizer embedded, and the router too (``router``) or as its own
+    process: (base url, pids)."""
     gport = free_port()
-    gateway = start("embedded-gateway", [
-        "-m", "services.gateway", "--port", str(gport), "--router", "embedded",
-        "--router-args", f"--worker-urls grpc://127.0.0.1:{wport}", "--tokenizer", "embedded",
-        "--log-level", "warning"])
+    pids: dict[str, int] = {}
+    if router:
+        label, router_args = "embedded", ["--router", "embedded", "--router-args",
+                                          f"--worker-urls grpc://127.0.0.1:{wport}"]
+    else:
+        rport = free_port()
+        proc = start("tok-embedded-router", [
+            "-m", "services.router", "--port", str(rport), "--worker-urls",
+            f"grpc://127.0.0.1:{wport}", "--log-level", "warning"])
+        wait_grpc(f"127.0.0.1:{rport}", proc)
+        pids["router"] = proc.proc.pid
+        label, router_args = "tok-embedded", ["--router", f"127.0.0.1:{rport}"]
+    gateway = start(f"{label}-gateway", [
+        "-m", "services.gateway", "--port", str(gport), *router_args,
+        "--tokenizer", "embedded", "--log-level", "warning"])
     base = f"http://127.0.0.1:{gport}"
     wait_http(f"{base}/health", gateway, lambda r: r.status_code == 200)
-    return base, {"gateway": gateway.proc.pid}
+    return base, {"gateway": gateway.proc.pid, **pids}
 
 
 def start_stack(start: Callable[..., Proc], label: str, root: Path, wport: int
@@ -262,8 +282,18 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 start, "baseline", Path(args.baseline).resolve(), wport)
             baseline_pids.pop("tport")
         embedded_base, embedded_pids = "", {}
+        tok_base, tok_pids = "", {}
         if args.embedded:
             embedded_base, embedded_pids = start_embedded(start, wport)
+            tok_base, tok_pids = start_embedded(start, wport, router=False)
+        bare_base, bare_pids = "", {}
+        if args.floor:
+            bare_port = free_port()
+            bare = start("bare-http", [str(ROOT / "benchmarks" / "bare_http_app.py"),
+                                       str(bare_port)])
+            bare_base = f"http://127.0.0.1:{bare_port}"
+            wait_http(f"{bare_base}/v1/models", bare, lambda r: r.status_code == 200)
+            bare_pids = {"bare_http": bare.proc.pid}
         smg_base = ""
         smg: Proc | None = None
         if args.smg:
@@ -290,7 +320,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                        ).status_code == 503 and time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
             # The first chat request makes the gateway load the tokenizer from the worker.
-            for url in filter(None, (base, baseline_base, embedded_base)):
+            for url in filter(None, (base, baseline_base, embedded_base, tok_base)):
                 first = await client.post(f"{url}/v1/chat/completions", json={
                     "model": model, "messages": MESSAGES, "max_tokens": 1})
                 assert first.status_code == 200, first.text
@@ -305,15 +335,21 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     row: dict[str, Any] = {"stream": stream, "concurrency": c}
                     paths = [
                         ("direct", direct_call(stub, ids, stream, args.max_tokens),
-                         {}),
+                         {"client": os.getpid()} if args.floor else {}),
                         ("sglmesh", http_call(client, f"{base}/v1/chat/completions", model,
                                               stream, args.max_tokens), serving),
                     ] + ([("baseline", http_call(
                         client, f"{baseline_base}/v1/chat/completions", model, stream,
                         args.max_tokens), baseline_pids)] if baseline_base else []
+                    ) + ([("bare_http", http_call(
+                        client, f"{bare_base}/v1/chat/completions", model, stream,
+                        args.max_tokens), bare_pids)] if bare_base else []
                     ) + ([("embedded", http_call(
                         client, f"{embedded_base}/v1/chat/completions", model, stream,
-                        args.max_tokens), embedded_pids)] if embedded_base else []
+                        args.max_tokens), embedded_pids),
+                          ("tok_embedded", http_call(
+                              client, f"{tok_base}/v1/chat/completions", model, stream,
+                              args.max_tokens), tok_pids)] if embedded_base else []
                     ) + ([("smg", http_call(client, f"{smg_base}/v1/chat/completions",
                                             smg_model, stream, args.max_tokens),
                            {"smg": smg.proc.pid})] if smg is not None else [])
@@ -338,6 +374,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                             / max(row["smg"]["cpu_ms_per_request"], 1e-6), 2)
                         row["added_p50_ratio_sglmesh_smg"] = round(
                             row["added_p50_ms"] / max(smg_added, 1e-3), 2)
+                    if "tok_embedded" in row:
+                        row["tok_embedded_added_p50_ms"] = round(
+                            row["tok_embedded"]["p50_ms"] - row["direct"]["p50_ms"], 2)
                     if "embedded" in row:
                         added = row["embedded"]["p50_ms"] - row["direct"]["p50_ms"]
                         row["embedded_added_p50_ms"] = round(added, 2)
@@ -382,10 +421,18 @@ def summary(row: dict[str, Any]) -> str:
         text += (f" | baseline p50 {b['p50_ms']:7.2f} (+{row['baseline_added_p50_ms']:.2f}) "
                  f"{b['rps']:6.1f} req/s cpu {b['cpu_ms_per_request']:6.2f} ms/req "
                  f"{b['cpu_ms_per_request_by_process']}")
+    if "bare_http" in row:
+        text += (f" | floor: bare http cpu {row['bare_http']['cpu_ms_per_request']:.2f} ms/req, "
+                 f"grpc.aio client cpu {row['direct']['cpu_ms_per_request']:.2f} ms/call")
     if "embedded" in row:
         e = row["embedded"]
         text += (f" | embedded p50 {e['p50_ms']:7.2f} (+{row['embedded_added_p50_ms']:.2f}) "
                  f"{e['rps']:6.1f} req/s cpu {e['cpu_ms_per_request']:6.2f} ms/req")
+    if "tok_embedded" in row:
+        t = row["tok_embedded"]
+        text += (f" | tokenizer-embedded p50 {t['p50_ms']:7.2f} "
+                 f"(+{row['tok_embedded_added_p50_ms']:.2f}) {t['rps']:6.1f} req/s cpu "
+                 f"{t['cpu_ms_per_request']:6.2f} ms/req {t['cpu_ms_per_request_by_process']}")
     if "smg" in row:
         m = row["smg"]
         text += (f" | smg p50 {m['p50_ms']:7.2f} (+{row['smg_added_p50_ms']:.2f}) "
@@ -405,9 +452,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--smg", action="store_true", help="also measure smg.launch_router")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure a bare FastAPI app and the Python gRPC client")
     parser.add_argument("--embedded", action="store_true",
-                        help="also measure one gateway process with --router embedded "
-                             "--tokenizer embedded")
+                        help="also measure a gateway with --router embedded --tokenizer "
+                             "embedded, and one with only --tokenizer embedded")
     parser.add_argument("--baseline", default="", metavar="DIR",
                         help="also measure a gateway+tokenizer+router started from this source "
                              "tree (before/after in one run)")
