@@ -80,9 +80,11 @@ def test_chat_spreads_over_grpc_and_http_workers(fleet: Fleet) -> None:
 def test_streaming_sse_is_relayed_untouched(fleet: Fleet) -> None:
     seen_http = False
     for i in range(6):  # until an HTTP worker serves one (the policy spreads misses)
+        # Prompts that differ from their first character: each is a cache miss ("stream 0",
+        # "stream 1", ... would share most of their text and follow the first one's worker).
         body = {"model": MODEL, "stream": True, "max_tokens": 4,
                 "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": f"stream {i}"}]}
+                "messages": [{"role": "user", "content": f"{'uvwxyz'[i] * 24} stream"}]}
         with httpx.stream("POST", f"{fleet.url}/v1/chat/completions", json=body,
                           trust_env=False, timeout=30) as reply:
             assert reply.status_code == 200
