@@ -24,8 +24,33 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.config import parse_config
 from services.common.inprocess import LocalStub
+from services.gateway.config import EMBEDDED
 
 log = logging.getLogger(__name__)
+
+
+def router_config(args: str) -> Any:
+    """The embedded router's config from ``--router-args`` (and SGLMESH_ROUTER_* env vars); a bad
+    flag is argparse's usage error (exit status 2)."""
+    from services.router.config import RouterConfig, merge_repeated_flags
+
+    return parse_config(RouterConfig, merge_repeated_flags(shlex.split(args)))
+
+
+def tokenizer_config(args: str) -> Any:
+    """The embedded tokenizer's config from ``--tokenizer-args`` (and SGLMESH_TOKENIZER_*)."""
+    from services.tokenizer.config import TokenizerConfig
+
+    return parse_config(TokenizerConfig, shlex.split(args))
+
+
+def check_flags(router: str, router_args: str, tokenizer: str, tokenizer_args: str) -> None:
+    """Parses the embedded services' flags before the gateway starts serving, so a bad one
+    stops it with a usage error instead of a failed start-up."""
+    if router == EMBEDDED:
+        router_config(router_args)
+    if tokenizer == EMBEDDED:
+        tokenizer_config(tokenizer_args)
 
 
 @dataclass
@@ -41,11 +66,10 @@ class EmbeddedRouter:
     async def start(self) -> None:
         # Imported here: a gateway that talks to a remote router never loads the router.
         from services.router import relay
-        from services.router.config import RouterConfig, merge_repeated_flags
         from services.router.router import Router
         from services.router.server import RouterAdmin, RouterLeases, SchedulerProxy
 
-        config = parse_config(RouterConfig, merge_repeated_flags(shlex.split(self.args)))
+        config = router_config(self.args)
         self.router = Router(config)
         self.scheduler = LocalStub(pb_grpc.add_SglangSchedulerServicer_to_server,
                                    SchedulerProxy(self.router), relay.SERVICE)
@@ -72,10 +96,9 @@ class EmbeddedTokenizer:
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        from services.tokenizer.config import TokenizerConfig
         from services.tokenizer.server import SERVICE_NAME, build_service, load_configured
 
-        config = parse_config(TokenizerConfig, shlex.split(self.args))
+        config = tokenizer_config(self.args)
         self._executor = ThreadPoolExecutor(max_workers=config.workers,
                                             thread_name_prefix="tokenizer")
         self.service = build_service(config, self._executor)

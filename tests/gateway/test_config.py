@@ -34,3 +34,18 @@ def test_tenants_are_key_hashes() -> None:
     a, b = tenant_for_key("secret-a"), tenant_for_key("secret-b")
     assert a != b and a.startswith("key-") and "secret" not in a
     assert tenant_for_key("secret-a") == a
+
+
+def test_embedded_services_flags_are_checked_before_serving(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from services.gateway.embedded import check_flags
+
+    check_flags("embedded", "--policy cache_aware --worker-urls grpc://10.0.0.5:30000",
+                "embedded", "--workers 2")
+    with pytest.raises(SystemExit) as exc:
+        check_flags("embedded", "--policy nope", "127.0.0.1:30200", "")
+    assert exc.value.code == 2 and "--policy: invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        check_flags("127.0.0.1:30100", "", "embedded", "--no-such-flag")
+    # Not embedded: its args are not ours to parse (the gateway's config rejects them).
+    check_flags("127.0.0.1:30100", "--policy nope", "127.0.0.1:30200", "")
