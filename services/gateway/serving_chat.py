@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 MODEL_KEY = "x-sglmesh-model"
 REQUEST_ID_KEY = "x-request-id"
 TARGET_WORKER_KEY = "x-sglmesh-target-worker"
-# The decoder needs a few prompt tokens of context for the first output token's spacing.
+# The decoder needs a few prompt tokens of context for the first output token's spacing (what
+# /v1/completions sends; a chat's rendered start lets the tokenizer keep the same tail itself).
 PROMPT_CONTEXT_TOKENS = 8
 
 # Model-name globs -> tool-call parser (the tokenizer's names), first match wins; "json" when
@@ -132,6 +133,8 @@ class Generation:
     result: GenerationResult = field(default_factory=GenerationResult)
     # A gRPC worker a lease chose (mixed gRPC + HTTP fleets); "" lets the router's policy pick.
     target_worker: str = ""
+    # A decode stream already opened with ``decode_start`` (and its rendered prompt read).
+    decode_call: Any = None
 
     async def deltas(self) -> AsyncIterator[Delta]:
         metadata: tuple[tuple[str, str], ...] = (
@@ -142,15 +145,23 @@ class Generation:
         # Decoded once at the end: one message from the worker (its complete, with every output
         # id) instead of one per token, each a gRPC read in the router and here.
         self.generate_request.stream = self.lockstep
-        decode_call = self.backends.tokenizer.DecodeStream(metadata=metadata)
+        decode_call = self.decode_call
+        opened = decode_call is not None
+        if decode_call is None:
+            decode_call = self.backends.tokenizer.DecodeStream(metadata=metadata)
         generate_call = self.backends.scheduler.Generate(self.generate_request, metadata=metadata)
         completed = False
         pending: list[int] = []
         try:
-            try:
-                await decode_call.write(tok_pb.DecodeStreamRequest(start=self.decode_start))
-            except grpc.aio.AioRpcError as exc:
-                raise self._tokenizer_error(exc) from exc
+            if not opened:
+                try:
+                    if self.decode_start.HasField("render"):
+                        await open_rendered(decode_call, self.decode_start)
+                    else:
+                        await decode_call.write(tok_pb.DecodeStreamRequest(
+                            start=self.decode_start))
+                except grpc.aio.AioRpcError as exc:
+                    raise tokenizer_error(exc) from exc
             async for batch in _batches(generate_call):
                 ids: list[int] = []
                 logprobs: list[dict[str, Any]] = []
@@ -240,14 +251,6 @@ class Generation:
                     error.param, error.param.removeprefix("sampling_params."))
         return error
 
-    def _tokenizer_error(self, exc: grpc.aio.AioRpcError) -> OpenAIError:
-        error = from_grpc(exc, "tokenizer")
-        if error.param == "tool_parser":
-            error.param = "tools"
-        elif error.param == "reasoning_parser":
-            error.param = "separate_reasoning"
-        return error
-
     async def _decode(self, call: Any, token_ids: Any, finished: bool
                       ) -> tok_pb.DecodeStreamResponse:
         try:
@@ -255,7 +258,7 @@ class Generation:
                 tokens=tok_pb.DecodeTokens(index=0, token_ids=token_ids, finished=finished)))
             response = await call.read()
         except grpc.aio.AioRpcError as exc:
-            raise self._tokenizer_error(exc) from exc
+            raise tokenizer_error(exc) from exc
         if response is grpc.aio.EOF:
             raise OpenAIError(502, "tokenizer closed the decode stream early")
         return response  # type: ignore[no-any-return]
@@ -288,6 +291,32 @@ class Generation:
                                     if top is not None else [])
             out.append(item)
         return out
+
+
+def tokenizer_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
+    """A tokenizer failure as the client's error, named by the request field it came from."""
+    error = from_grpc(exc, "tokenizer")
+    if error.param == "tool_parser":
+        error.param = "tools"
+    elif error.param == "reasoning_parser":
+        error.param = "separate_reasoning"
+    return error
+
+
+async def open_rendered(call: Any, start: tok_pb.DecodeStart) -> tok_pb.RenderChatResponse:
+    """Opens a decode stream whose start renders the chat; returns the rendered prompt (the
+    stream's first answer). A render error is the client's 400 on ``messages``."""
+    try:
+        await call.write(tok_pb.DecodeStreamRequest(start=start))
+        reply = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        error = tokenizer_error(exc)
+        if error.status == 400 and error.param in (None, "messages", "start"):
+            error.param = "messages"  # the chat template rejected the messages
+        raise error from exc
+    if reply is grpc.aio.EOF or not reply.HasField("rendered"):
+        raise OpenAIError(502, "the tokenizer did not render the chat")
+    return reply.rendered  # type: ignore[no-any-return]
 
 
 async def _batches(call: Any) -> AsyncIterator[list[pb.GenerateResponse]]:
@@ -471,19 +500,44 @@ class ChatCompletionService:
             return self._http_generations(request, request_id, model), 0
         await self.backends.ensure_tokenizer(model)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        try:
-            rendered = await self.backends.tokenizer.RenderChat(tok_pb.RenderChatRequest(
+        parser = tool_parser_for(model.id, self.tool_call_parser) if tools else ""
+        if constraint is not None and constraint[2] == "tool_choice":
+            parser = "json"  # the constrained output is a JSON list of calls
+        reasoning_parser = self.reasoning_parser if request.separate_reasoning else ""
+        # The chat is rendered by the tokenizer as it opens the first choice's decode stream
+        # (one call, not RenderChat and then DecodeStream); the stream's first answer is the
+        # prompt. Other choices (n > 1) open theirs with the same start (rendered again).
+        start = tok_pb.DecodeStart(
+            model=model.id,
+            skip_special_tokens=request.skip_special_tokens,
+            stop=request.stop_list,
+            no_stop_trim=request.no_stop_trim,
+            reasoning_parser=reasoning_parser,
+            tool_parser=parser,
+            tools=[to_struct(t) for t in tools] if parser else [],
+            render=tok_pb.RenderChatRequest(
                 model=model.id,
                 messages=[to_struct(m) for m in messages],
                 tools=[to_struct(t) for t in tools],
                 template_kwargs=to_struct(request.chat_template_kwargs or {}),
                 add_generation_prompt=True,
-            ), timeout=30, metadata=((REQUEST_ID_KEY, request_id),))
-        except grpc.aio.AioRpcError as exc:
-            error = from_grpc(exc, "tokenizer")
-            if error.status == 400 and error.param in (None, "messages"):
-                error.param = "messages"
-            raise error from exc
+            ),
+        )
+        first_decode = self.backends.tokenizer.DecodeStream(
+            metadata=((MODEL_KEY, model.id), (REQUEST_ID_KEY, request_id)))
+        try:
+            rendered = await open_rendered(first_decode, start)
+            generations = self._generations(request, request_id, model, rendered, start,
+                                            constraint, target_worker)
+        except BaseException:
+            first_decode.cancel()
+            raise
+        generations[0].decode_call = first_decode
+        return generations, len(rendered.token_ids)
+
+    def _generations(self, request: ChatCompletionRequest, request_id: str, model: ServedModel,
+                     rendered: tok_pb.RenderChatResponse, start: tok_pb.DecodeStart,
+                     constraint: Any, target_worker: str) -> list[Generation]:
         prompt_ids = list(rendered.token_ids)
         context = model.max_context_length or 0
         if context and len(prompt_ids) >= context:
@@ -499,10 +553,6 @@ class ChatCompletionService:
                     f"tokens and the context is {context}; at most {room} tokens can be generated.",
                     param="max_tokens", code="context_length_exceeded")
             max_new = max_new or room
-        parser = tool_parser_for(model.id, self.tool_call_parser) if tools else ""
-        if constraint is not None and constraint[2] == "tool_choice":
-            parser = "json"  # the constrained output is a JSON list of calls
-        reasoning_parser = self.reasoning_parser if request.separate_reasoning else ""
         generations = []
         for index in range(request.n):
             sampling = pb.SamplingParams(
@@ -537,23 +587,11 @@ class ChatCompletionService:
                 return_logprob=request.logprobs,
                 top_logprobs_num=request.top_logprobs or 0,
             )
-            start = tok_pb.DecodeStart(
-                model=model.id,
-                skip_special_tokens=request.skip_special_tokens,
-                stop=request.stop_list,
-                no_stop_trim=request.no_stop_trim,
-                prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:],
-                reasoning_parser=reasoning_parser,
-                tool_parser=parser,
-                tools=[to_struct(t) for t in tools] if parser else [],
-                reasoning_open=bool(reasoning_parser)
-                and rendered.prompt.rstrip().endswith("<think>"),
-            )
             generations.append(Generation(
                 self.backends, rid, model, generate, start, index=index,
                 constraint_param=constraint[2] if constraint else "response_format",
                 target_worker=target_worker))
-        return generations, len(prompt_ids)
+        return generations
 
     def _http_generations(self, request: ChatCompletionRequest, request_id: str,
                           model: ServedModel) -> list[Generation]:

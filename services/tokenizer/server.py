@@ -64,6 +64,16 @@ def info_of(tok: LoadedTokenizer) -> pb.TokenizerInfo:
     return info
 
 
+# Prompt tokens kept as decode context, so the first output token decodes with the right
+# leading space (a rendered start's context; other callers send their own tail).
+PROMPT_CONTEXT_TOKENS = 8
+
+
+def opens_reasoning(prompt: str) -> bool:
+    """The template opened a reasoning block for the answer (``<think>`` at the very end)."""
+    return prompt.rstrip().endswith("<think>")
+
+
 @contextlib.contextmanager
 def measured(method: str) -> Iterator[None]:
     """Counts one operation by outcome and observes its duration."""
@@ -180,6 +190,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def RenderChat(self, request: pb.RenderChatRequest,
                          context: grpc.aio.ServicerContext) -> pb.RenderChatResponse:
+        prompt, ids = await self._render(request)
+        return pb.RenderChatResponse(prompt=prompt, token_ids=ids)
+
+    async def _render(self, request: pb.RenderChatRequest) -> tuple[str, list[int]]:
         def render() -> tuple[str, list[int]]:
             return self.core.render_chat(
                 request.model, [from_struct(m) for m in request.messages],
@@ -195,7 +209,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
         with measured("RenderChat"):
             prompt, ids = await self._run_sized(request.ByteSize(), render)
         metrics.TOKENS.labels("RenderChat").inc(len(ids))
-        return pb.RenderChatResponse(prompt=prompt, token_ids=ids)
+        return prompt, ids
 
     async def DecodeStream(
         self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
@@ -227,15 +241,22 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 if kind != "start":
                     raise invalid_argument("start", "the first DecodeStream message must be start")
                 start = request.start
+                context_ids, reasoning_open = list(start.prompt_token_ids), start.reasoning_open
+                if start.HasField("render"):
+                    prompt, ids = await self._render(start.render)
+                    context_ids = ids[-PROMPT_CONTEXT_TOKENS:]
+                    reasoning_open = bool(start.reasoning_parser) and opens_reasoning(prompt)
+                    yield pb.DecodeStreamResponse(
+                        rendered=pb.RenderChatResponse(prompt=prompt, token_ids=ids))
                 options = DecodeOptions(
                     skip_special_tokens=(start.skip_special_tokens
                                          if start.HasField("skip_special_tokens") else True),
                     stop=list(start.stop), no_stop_trim=start.no_stop_trim,
-                    prompt_token_ids=list(start.prompt_token_ids),
+                    prompt_token_ids=context_ids,
                 )
                 spec = await self._run_sized(start.ByteSize(), self.core.open_stream,
                                              start.model, options, start.reasoning_parser,
-                                             start.tool_parser, start.reasoning_open,
+                                             start.tool_parser, reasoning_open,
                                              [from_struct(t) for t in start.tools])
                 continue
             if kind != "tokens":

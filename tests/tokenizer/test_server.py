@@ -233,6 +233,23 @@ def test_decode_stream_prompt_context(stub: Any, hf_tokenizer: Any) -> None:
     assert out[0].text == " Paris"
 
 
+def test_decode_stream_renders_the_chat_first(stub: Any, hf_tokenizer: Any) -> None:
+    """A start with ``render``: the first answer is RenderChat's, then decoding goes on with
+    the prompt's tail as context (one call where the gateway used to make two)."""
+    messages = [struct({"role": "user", "content": "Capital of France?"})]
+    render = pb.RenderChatRequest(model="smollm2", messages=messages)
+    answer = hf_tokenizer(" Paris.", add_special_tokens=False)["input_ids"]
+    out = decode_stream(stub, [start(render=render, stop=["."]),
+                               tokens(answer, finished=True)])
+    assert out[0].rendered == stub.RenderChat(render) and not out[0].text
+    assert "".join(r.text for r in out[1:]) == " Paris" and out[-1].stopped
+    # A template the messages break is the same error as RenderChat's, before any decoding.
+    bad = pb.RenderChatRequest(model="smollm2", messages=[struct({"role": "user"})])
+    d = expect_error(lambda: decode_stream(stub, [start(render=bad)]),
+                     ErrorCode.INVALID_ARGUMENT)
+    assert d.reason == "CHAT_TEMPLATE_ERROR"
+
+
 @pytest.mark.parametrize("requests, field", [
     ([tokens([1])], "start"),
     ([start(reasoning_parser="nope")], "reasoning_parser"),

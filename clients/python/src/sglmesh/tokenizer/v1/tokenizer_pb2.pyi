@@ -144,7 +144,7 @@ class DecodeStreamRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[DecodeStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ...) -> None: ...
 
 class DecodeStart(_message.Message):
-    __slots__ = ("model", "skip_special_tokens", "stop", "no_stop_trim", "reasoning_parser", "tool_parser", "tools", "prompt_token_ids", "reasoning_open")
+    __slots__ = ("model", "skip_special_tokens", "stop", "no_stop_trim", "reasoning_parser", "tool_parser", "tools", "prompt_token_ids", "reasoning_open", "render")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class DecodeStart(_message.Message):
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     REASONING_OPEN_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
     model: str
     skip_special_tokens: bool
     stop: _containers.RepeatedScalarFieldContainer[str]
@@ -163,7 +164,8 @@ class DecodeStart(_message.Message):
     tools: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     reasoning_open: bool
-    def __init__(self, model: _Optional[str] = ..., skip_special_tokens: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., no_stop_trim: _Optional[bool] = ..., reasoning_parser: _Optional[str] = ..., tool_parser: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., reasoning_open: _Optional[bool] = ...) -> None: ...
+    render: RenderChatRequest
+    def __init__(self, model: _Optional[str] = ..., skip_special_tokens: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., no_stop_trim: _Optional[bool] = ..., reasoning_parser: _Optional[str] = ..., tool_parser: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., reasoning_open: _Optional[bool] = ..., render: _Optional[_Union[RenderChatRequest, _Mapping]] = ...) -> None: ...
 
 class DecodeTokens(_message.Message):
     __slots__ = ("index", "token_ids", "finished")
@@ -176,20 +178,22 @@ class DecodeTokens(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class DecodeStreamResponse(_message.Message):
-    __slots__ = ("index", "text", "reasoning_text", "tool_calls", "stopped", "matched_stop")
+    __slots__ = ("index", "text", "reasoning_text", "tool_calls", "stopped", "matched_stop", "rendered")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     REASONING_TEXT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     MATCHED_STOP_FIELD_NUMBER: _ClassVar[int]
+    RENDERED_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     reasoning_text: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCallDelta]
     stopped: bool
     matched_stop: str
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., reasoning_text: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallDelta, _Mapping]]] = ..., stopped: _Optional[bool] = ..., matched_stop: _Optional[str] = ...) -> None: ...
+    rendered: RenderChatResponse
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., reasoning_text: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallDelta, _Mapping]]] = ..., stopped: _Optional[bool] = ..., matched_stop: _Optional[str] = ..., rendered: _Optional[_Union[RenderChatResponse, _Mapping]] = ...) -> None: ...
 
 class ToolCallDelta(_message.Message):
     __slots__ = ("tool_index", "id", "name", "arguments")
