@@ -51,7 +51,8 @@ def install_http_backends(app: FastAPI, state: dict[str, Any], config: GatewayCo
 
     async def rerank(request: Request) -> JSONResponse:
         """Cross-encoder reranking: {model, query, documents, top_n, return_documents}."""
-        from services.gateway.server import read_json, until_disconnect
+        from services.gateway.server import read_json
+        from services.gateway.streaming import until_disconnect
 
         body = await read_json(request, config.max_payload_size)
         request_id = str(request.scope.get("state", {}).get("request_id", ""))

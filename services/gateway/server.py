@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.metrics import child
 from services.common.telemetry import server_span
 from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
@@ -40,6 +40,7 @@ from services.gateway.serving_completions import PromptService, new_completion_i
 from services.gateway.serving_conversations import ConversationService
 from services.gateway.serving_responses import ResponsesService
 from services.gateway.storage import DEFAULT_TENANT, Storage, tenant_for_key
+from services.gateway.streaming import EventStreamResponse, until_disconnect
 
 log = logging.getLogger(__name__)
 
@@ -119,34 +120,6 @@ async def parse_body(request: Request, model: type[BaseModel], limit: int) -> An
         raise validation_error(exc) from exc
 
 
-async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Runs ``work`` unless the client goes away first; then it is cancelled (and with it the
-    gRPC calls it made: the router relays an Abort to the worker). Races ``receive()`` for
-    ``http.disconnect`` rather than polling, so it works under any middleware."""
-    task = asyncio.ensure_future(work)
-    receive = request.receive
-
-    async def disconnected() -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if not task.done():
-        task.cancel()
-        watcher.cancel()
-        raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
-    watcher.cancel()
-    return task.result()
-
-
 class TelemetryMiddleware:
     """Per HTTP request: a server span (continuing a client's traceparent), metrics, request id.
 
@@ -204,8 +177,8 @@ class TelemetryMiddleware:
                 status = status_holder["status"]
                 route = annotate(status)
                 if not route.startswith("/metrics"):
-                    HTTP_REQUESTS.labels(route, str(status)).inc()
-                    HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+                    child(HTTP_REQUESTS, route, str(status)).inc()
+                    child(HTTP_LATENCY, route).observe(time.perf_counter() - started)
 
 
 def _worker_url(raw: str) -> str:
@@ -324,8 +297,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         chat: ChatCompletionService = state["chat"]
         if body.stream:
             frames = await chat.stream(body, rid)
-            return StreamingResponse(frames, media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
+            return EventStreamResponse(frames)
         result = await until_disconnect(request, chat.complete(body, rid))
         return JSONResponse(result.model_dump(exclude_none=False))
 
@@ -340,8 +312,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         prompts: PromptService = state["prompts"]
         if body.stream:
             frames = await until_disconnect(request, prompts.stream(body, rid))
-            return StreamingResponse(frames, media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
+            return EventStreamResponse(frames)
         return JSONResponse(await until_disconnect(request, prompts.complete(body, rid)))
 
     @app.post("/generate", tags=["sglang"])
@@ -352,9 +323,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         generations, stream, batch = await until_disconnect(
             request, prompts.generate(body, request_id(request)))
         if stream:
-            return StreamingResponse(prompts.native_stream(generations),
-                                     media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
+            return EventStreamResponse(prompts.native_stream(generations))
         results = await until_disconnect(request, _gather(
             PromptService.native_result(g) for g in generations))
         return JSONResponse(results if batch else results[0])
@@ -390,8 +359,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         if body.background:
             return JSONResponse(await responses.start_background(ctx, rid))
         if body.stream:
-            return StreamingResponse(responses.stream(ctx, rid), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
+            return EventStreamResponse(responses.stream(ctx, rid))
         return JSONResponse(await until_disconnect(request, responses.complete(ctx, rid)))
 
     @app.get("/v1/responses/{response_id}", tags=["responses"])

@@ -162,7 +162,14 @@ class Generation:
                             start=self.decode_start))
                 except grpc.aio.AioRpcError as exc:
                     raise tokenizer_error(exc) from exc
-            async for batch in _batches(generate_call):
+            # Streaming from a tokenizer service batches what arrived during a chunk's decode
+            # round trip. Otherwise nothing can arrive meanwhile (the worker sends one message,
+            # or an in-process decode never yields to the loop) and a reader task would only
+            # add a task switch per chunk.
+            batches = (_batches(generate_call)
+                       if self.lockstep and self.backends.embedded_tokenizer is None
+                       else _one_by_one(generate_call))
+            async for batch in batches:
                 ids: list[int] = []
                 logprobs: list[dict[str, Any]] = []
                 for response in batch:
@@ -317,6 +324,11 @@ async def open_rendered(call: Any, start: tok_pb.DecodeStart) -> tok_pb.RenderCh
     if reply is grpc.aio.EOF or not reply.HasField("rendered"):
         raise OpenAIError(502, "the tokenizer did not render the chat")
     return reply.rendered  # type: ignore[no-any-return]
+
+
+async def _one_by_one(call: Any) -> AsyncIterator[list[pb.GenerateResponse]]:
+    async for response in call:
+        yield [response]
 
 
 async def _batches(call: Any) -> AsyncIterator[list[pb.GenerateResponse]]:
@@ -742,6 +754,9 @@ def _tool_delta(part: ToolCallPart) -> dict[str, Any]:
 
 async def _gather(coros: Any) -> list[Any]:
     """asyncio.gather that cancels the siblings when one fails."""
+    coros = list(coros)
+    if len(coros) == 1:  # the common n = 1: no task of its own
+        return [await coros[0]]
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         return list(await asyncio.gather(*tasks))

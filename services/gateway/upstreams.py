@@ -39,10 +39,11 @@ import httpx
 from opentelemetry import propagate
 from sglmesh.router.v1 import router_admin_pb2 as admin_pb
 from sglmesh.router.v1 import router_lease_pb2 as lease_pb
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.errors import OpenAIError, from_grpc
+from services.gateway.streaming import EventStreamResponse
 
 if TYPE_CHECKING:
     from services.gateway.backends import Backends, ServedModel
@@ -285,9 +286,7 @@ async def relay(pool: UpstreamPool, opened: Opened, request_id: str) -> Response
             await response.aclose()
             pool.release_later(up, end, True, message)
 
-    out_headers["cache-control"] = "no-cache"
-    return StreamingResponse(chunks(), status_code=response.status_code,
-                             media_type="text/event-stream", headers=out_headers)
+    return EventStreamResponse(chunks(), status_code=response.status_code, headers=out_headers)
 
 
 # ---- the Responses API (and any chat-delta consumer) on HTTP upstreams ------------------------

@@ -19,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from services.common.errors import ErrorCode, ServiceError
+from services.common.metrics import child
 from services.common.net import strip_scheme
 from services.common.telemetry import internal_span, tracing_enabled
 from services.router import metrics
@@ -379,7 +380,7 @@ class Router:
             worker = policy.select_worker(candidates, info) if candidates else None
             if worker is not None:
                 span.set_attribute("sglmesh.worker", worker.url)
-                metrics.SELECTIONS.labels(worker.url, policy.name).inc()
+                child(metrics.SELECTIONS, worker.url, policy.name).inc()
         if worker is None:
             leg = "" if worker_type is WorkerType.REGULAR else f" {worker_type.value}"
             if modes != ANY_MODE:
@@ -425,16 +426,16 @@ class Router:
                     async for response in stream:
                         if first:
                             first = False
-                            metrics.TTFT.labels(model).observe(time.monotonic() - start)
+                            child(metrics.TTFT, model).observe(time.monotonic() - start)
                         yield response
             except BaseException as exc:
                 code = _code_of(exc)
                 raise
             finally:
-                metrics.REQUESTS.labels(model, mode, code).inc()
+                child(metrics.REQUESTS, model, mode, code).inc()
                 if code != "OK":
                     metrics.REQUEST_ERRORS.labels(model, code).inc()
-                metrics.DURATION.labels(model).observe(time.monotonic() - start)
+                child(metrics.DURATION, model).observe(time.monotonic() - start)
 
     async def _dispatch(self, request: pb.GenerateRequest, hints: RequestHints,
                         state: DispatchState) -> AsyncGenerator[pb.GenerateResponse, None]:
@@ -530,7 +531,7 @@ class Router:
                 raise
             finally:
                 worker.breaker.record(outcome)
-                metrics.CB_OUTCOMES.labels(worker.url, outcome.value).inc()
+                child(metrics.CB_OUTCOMES, worker.url, outcome.value).inc()
                 span.set_attribute("rpc.grpc.status_code", code)
                 if code not in ("OK", "CANCELLED"):
                     span.set_status(Status(StatusCode.ERROR, code))
@@ -631,7 +632,7 @@ class Router:
         self.end_request(lease.request_id, worker)
         if not release.final and not release.retry:
             return  # handed back unused: the request goes on through the data plane
-        metrics.CB_OUTCOMES.labels(worker.url, release.outcome.value).inc()
+        child(metrics.CB_OUTCOMES, worker.url, release.outcome.value).inc()
         if code != "OK":
             metrics.WORKER_ERRORS.labels(worker.url, code).inc()
         if release.retry:
@@ -641,8 +642,8 @@ class Router:
             metrics.RETRY_BACKOFF.observe(release.backoff)
             return
         mode = worker.connection_mode.value
-        metrics.REQUESTS.labels(lease.model_id, mode, code).inc()
-        metrics.DURATION.labels(lease.model_id).observe(time.monotonic() - lease.start)
+        child(metrics.REQUESTS, lease.model_id, mode, code).inc()
+        child(metrics.DURATION, lease.model_id).observe(time.monotonic() - lease.start)
         if code != "OK":
             metrics.REQUEST_ERRORS.labels(lease.model_id, code).inc()
             if lease.attempt and is_retryable_code(code):

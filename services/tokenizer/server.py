@@ -21,6 +21,7 @@ from sglmesh.tokenizer.v1 import tokenizer_pb2 as pb
 from sglmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
 from services.common.errors import ErrorCode, ServiceError, invalid_argument, not_found
+from services.common.metrics import child
 from services.common.structs import from_struct
 from services.tokenizer import metrics
 from services.tokenizer.chat_template import ChatTemplateError
@@ -83,8 +84,8 @@ def measured(method: str) -> Iterator[None]:
         yield
         outcome = "ok"
     finally:
-        metrics.REQUESTS.labels(method, outcome).inc()
-        metrics.LATENCY.labels(method).observe(time.perf_counter() - start)
+        child(metrics.REQUESTS, method, outcome).inc()
+        child(metrics.LATENCY, method).observe(time.perf_counter() - start)
 
 
 def _timed_step(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
@@ -175,7 +176,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
             results = await self._run_sized(request.ByteSize(), self.core.tokenize,
                                             request.model, list(request.texts),
                                             request.add_special_tokens)
-        metrics.TOKENS.labels("Tokenize").inc(sum(len(r) for r in results))
+        child(metrics.TOKENS, "Tokenize").inc(sum(len(r) for r in results))
         return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=r) for r in results],
                                    total_tokens=sum(len(r) for r in results))
 
@@ -208,7 +209,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
         with measured("RenderChat"):
             prompt, ids = await self._run_sized(request.ByteSize(), render)
-        metrics.TOKENS.labels("RenderChat").inc(len(ids))
+        child(metrics.TOKENS, "RenderChat").inc(len(ids))
         return prompt, ids
 
     async def DecodeStream(
@@ -271,7 +272,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 delta = self._step_inline(spec, session, ids, msg.finished)
             else:
                 delta = await self._run(_timed_step, spec, session, ids, msg.finished)
-            metrics.TOKENS.labels("DecodeStream").inc(len(msg.token_ids))
+            child(metrics.TOKENS, "DecodeStream").inc(len(msg.token_ids))
             calls = [pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
                                       arguments=c.arguments) for c in delta.tool_calls]
             new_calls = sum(1 for c in delta.tool_calls if c.name)
