@@ -18,7 +18,8 @@ process spends on the ``direct`` path, i.e. one grpc.aio Generate call from Pyth
 
 Before/after: ``--baseline DIR`` starts a second gateway + tokenizer + router from another
 source tree (e.g. ``git archive <rev> | tar -x -C DIR``) on the same worker and measures it as
-path ``baseline`` in the same levels; ``--repeat N`` runs every level N times with the paths
+path ``baseline`` in the same levels (with ``--embedded``, also that tree's embedded gateway
+as path ``baseline_embedded``); ``--repeat N`` runs every level N times with the paths
 interleaved (order rotated per round) and reports medians, so slow drift on a shared machine
 hits every path alike.
 """
@@ -207,15 +208,15 @@ def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def start_embedded(start: Callable[..., Proc], wport: int, router: bool = True
-                   ) -> tuple[str, dict[str, int]]:
-    """A gateway with the tokenizer embedded, and the router too (``router``) or as its own
-    process: (base url, pids)."""
+def start_embedded(start: Callable[..., Proc], wport: int, router: bool = True,
+                   root: Path = ROOT, label: str = "") -> tuple[str, dict[str, int]]:
+    """A gateway from the source tree ``root`` with the tokenizer embedded, and the router too
+    (``router``) or as its own process: (base url, pids)."""
     gport = free_port()
     pids: dict[str, int] = {}
     if router:
-        label, router_args = "embedded", ["--router", "embedded", "--router-args",
-                                          f"--worker-urls grpc://127.0.0.1:{wport}"]
+        label, router_args = label or "embedded", [
+            "--router", "embedded", "--router-args", f"--worker-urls grpc://127.0.0.1:{wport}"]
     else:
         rport = free_port()
         proc = start("tok-embedded-router", [
@@ -226,7 +227,7 @@ def start_embedded(start: Callable[..., Proc], wport: int, router: bool = True
         label, router_args = "tok-embedded", ["--router", f"127.0.0.1:{rport}"]
     gateway = start(f"{label}-gateway", [
         "-m", "services.gateway", "--port", str(gport), *router_args,
-        "--tokenizer", "embedded", "--log-level", "warning"])
+        "--tokenizer", "embedded", "--log-level", "warning"], root)
     base = f"http://127.0.0.1:{gport}"
     wait_http(f"{base}/health", gateway, lambda r: r.status_code == 200)
     return base, {"gateway": gateway.proc.pid, **pids}
@@ -286,6 +287,10 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.embedded:
             embedded_base, embedded_pids = start_embedded(start, wport)
             tok_base, tok_pids = start_embedded(start, wport, router=False)
+        base_emb_base, base_emb_pids = "", {}
+        if args.embedded and args.baseline:
+            base_emb_base, base_emb_pids = start_embedded(
+                start, wport, root=Path(args.baseline).resolve(), label="baseline-embedded")
         bare_base, bare_pids = "", {}
         if args.floor:
             bare_port = free_port()
@@ -320,7 +325,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                        ).status_code == 503 and time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
             # The first chat request makes the gateway load the tokenizer from the worker.
-            for url in filter(None, (base, baseline_base, embedded_base, tok_base)):
+            for url in filter(None, (base, baseline_base, embedded_base, tok_base,
+                                     base_emb_base)):
                 first = await client.post(f"{url}/v1/chat/completions", json={
                     "model": model, "messages": MESSAGES, "max_tokens": 1})
                 assert first.status_code == 200, first.text
@@ -350,6 +356,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                           ("tok_embedded", http_call(
                               client, f"{tok_base}/v1/chat/completions", model, stream,
                               args.max_tokens), tok_pids)] if embedded_base else []
+                    ) + ([("baseline_embedded", http_call(
+                        client, f"{base_emb_base}/v1/chat/completions", model, stream,
+                        args.max_tokens), base_emb_pids)] if base_emb_base else []
                     ) + ([("smg", http_call(client, f"{smg_base}/v1/chat/completions",
                                             smg_model, stream, args.max_tokens),
                            {"smg": smg.proc.pid})] if smg is not None else [])
@@ -377,6 +386,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if "tok_embedded" in row:
                         row["tok_embedded_added_p50_ms"] = round(
                             row["tok_embedded"]["p50_ms"] - row["direct"]["p50_ms"], 2)
+                    if "baseline_embedded" in row:
+                        row["baseline_embedded_added_p50_ms"] = round(
+                            row["baseline_embedded"]["p50_ms"] - row["direct"]["p50_ms"], 2)
                     if "embedded" in row:
                         added = row["embedded"]["p50_ms"] - row["direct"]["p50_ms"]
                         row["embedded_added_p50_ms"] = round(added, 2)
@@ -428,6 +440,11 @@ def summary(row: dict[str, Any]) -> str:
         e = row["embedded"]
         text += (f" | embedded p50 {e['p50_ms']:7.2f} (+{row['embedded_added_p50_ms']:.2f}) "
                  f"{e['rps']:6.1f} req/s cpu {e['cpu_ms_per_request']:6.2f} ms/req")
+    if "baseline_embedded" in row:
+        e = row["baseline_embedded"]
+        text += (f" | baseline embedded p50 {e['p50_ms']:7.2f} "
+                 f"(+{row['baseline_embedded_added_p50_ms']:.2f}) {e['rps']:6.1f} req/s cpu "
+                 f"{e['cpu_ms_per_request']:6.2f} ms/req")
     if "tok_embedded" in row:
         t = row["tok_embedded"]
         text += (f" | tokenizer-embedded p50 {t['p50_ms']:7.2f} "
