@@ -49,7 +49,9 @@ class GatewayConfig(ServiceConfig):
     history_timeout_secs: float = option(10.0, help="Deadline of one history call.")
     tool_call_parser: str = option(
         "", help="Tool-call parser the tokenizer applies when a request has tools "
-                 "(e.g. json, hermes, llama); empty: picked from the model name.")
+                 "(e.g. json, hermes, llama3, qwen3_coder, glm45); empty: the tokenizer's "
+                 "--tool-call-parser (by default picked from the model name, json when the "
+                 "name is not known).")
     reasoning_parser: str = option(
         "", help="Reasoning parser (deepseek-r1, qwen3); empty: none. Its output is "
                  "reasoning_content unless the request sets separate_reasoning=false.")

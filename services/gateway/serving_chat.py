@@ -10,7 +10,6 @@ choice index.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import re
@@ -49,13 +48,6 @@ PROMPT_CONTEXT_TOKENS = 8
 
 # Model-name globs -> tool-call parser (the tokenizer's names), first match wins; "json" when
 # none matches (a model prompted with tools answers with a JSON call object).
-TOOL_PARSER_PATTERNS = [
-    ("*qwen*", "hermes"), ("*hermes*", "hermes"), ("*llama-4*", "pythonic"),
-    ("*llama4*", "pythonic"), ("*llama-3*", "llama3"), ("*llama3*", "llama3"),
-    ("*mistral*", "mistral"), ("*mixtral*", "mistral"), ("*deepseek-v3.1*", "deepseekv31"),
-    ("*deepseek-v3*", "deepseekv3"), ("*deepseek-r1*", "deepseekv3"), ("*kimi-k2*", "kimi_k2"),
-]
-
 # A worker's INVALID_ARGUMENT field -> the request parameter it came from.
 _WORKER_FIELDS = {
     "return_logprob": "logprobs",
@@ -67,16 +59,6 @@ _WORKER_FIELDS = {
 }
 _CONSTRAINT_FIELDS = {"sampling_params.json_schema", "sampling_params.regex",
                       "sampling_params.ebnf_grammar", "sampling_params.structural_tag"}
-
-
-def tool_parser_for(model: str, configured: str) -> str:
-    if configured:
-        return configured
-    lowered = model.lower()
-    for pattern, parser in TOOL_PARSER_PATTERNS:
-        if fnmatch.fnmatchcase(lowered, pattern):
-            return parser
-    return "json"
 
 
 @dataclass
@@ -512,7 +494,8 @@ class ChatCompletionService:
             return self._http_generations(request, request_id, model), 0
         await self.backends.ensure_tokenizer(model)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        parser = tool_parser_for(model.id, self.tool_call_parser) if tools else ""
+        # "": the tokenizer's own choice (by model name, JSON when the name is unknown).
+        parser = self.tool_call_parser if tools else ""
         if constraint is not None and constraint[2] == "tool_choice":
             parser = "json"  # the constrained output is a JSON list of calls
         reasoning_parser = self.reasoning_parser if request.separate_reasoning else ""
@@ -526,7 +509,7 @@ class ChatCompletionService:
             no_stop_trim=request.no_stop_trim,
             reasoning_parser=reasoning_parser,
             tool_parser=parser,
-            tools=[to_struct(t) for t in tools] if parser else [],
+            tools=[to_struct(t) for t in tools],
             render=tok_pb.RenderChatRequest(
                 model=model.id,
                 messages=[to_struct(m) for m in messages],

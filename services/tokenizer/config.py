@@ -47,7 +47,8 @@ class TokenizerConfig(ServiceConfig):
         120.0, help="Seconds to wait for a worker's GetTokenizer bundle at start-up.")
     tool_call_parser: str = option(
         "auto", help="Tool-call parser for requests that have tools and name none: auto (by "
-                     "model name), none, or one of " + ", ".join(sorted(TOOL_PARSERS)) + ".",
+                     "model name, json when the name is not known), none, or one of "
+                     + ", ".join(sorted(TOOL_PARSERS)) + ".",
         metadata={"choices": ["auto", "none", *sorted(TOOL_PARSERS)]})
     reasoning_parser: str = option(
         "", help="Reasoning parser for requests that name none: empty (none) or one of "

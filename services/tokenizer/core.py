@@ -47,10 +47,12 @@ class TokenizerCore:
         self.reasoning_parser = reasoning_parser
 
     def resolve_tool_parser(self, model: str, requested: str) -> str:
-        """The request's parser, else the service default; ``auto`` goes by the model name."""
+        """The request's parser, else the service default; ``auto`` goes by the model name,
+        JSON when the name is not known (the request has tools, and JSON is what models
+        without a format of their own write; text that is not a call stays content)."""
         name = requested or self.tool_call_parser
         if name == AUTO:
-            return detect_tool_parser(model)
+            return detect_tool_parser(model) or "json"
         return "" if name == NONE else name
 
     # -- loading -----------------------------------------------------------------------------
@@ -147,8 +149,10 @@ class TokenizerCore:
         if bad:
             raise InvalidRequest("prompt_token_ids", f"token id {bad[0]} is out of range "
                                  f"(vocab size {tok.vocab_size})")
+        parameters = {t["function"]["name"]: t["function"].get("parameters")
+                      for t in tools or () if parser_name}
         return DecodeStreamSpec(tok, options, reasoning_parser, reasoning_open, parser_name,
-                                tool_names)
+                                tool_names, parameters)
 
 
 @dataclass
@@ -161,11 +165,15 @@ class DecodeStreamSpec:
     reasoning_open: bool = False
     tool_parser: str = ""
     tool_names: list[str] = field(default_factory=list)
+    # Tool name -> its JSON-schema parameters (argument types for tag-delimited formats).
+    tool_parameters: dict[str, Any] = field(default_factory=dict)
 
     def new_session(self) -> DecodeSession:
         parser = (create_reasoning_parser(self.reasoning_parser, self.reasoning_open)
                   if self.reasoning_parser and self.reasoning_parser != PASSTHROUGH else None)
-        tools = create_tool_parser(self.tool_parser, self.tool_names) if self.tool_parser else None
+        tools = (create_tool_parser(self.tool_parser, self.tool_names,
+                                    parameters=self.tool_parameters)
+                 if self.tool_parser else None)
         return DecodeSession(self.tokenizer, self.options, parser, tools,
                              self.tokenizer.special_token_ids)
 

@@ -21,8 +21,9 @@ import ast
 import fnmatch
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 _WS = " \t\r\n"
 
@@ -330,9 +331,13 @@ class ToolParser:
     markers: tuple[str, ...] = ()
 
     def __init__(self, tools: Iterable[str] | None = None,
-                 id_factory: Callable[[], str] | None = None) -> None:
+                 id_factory: Callable[[], str] | None = None,
+                 parameters: Mapping[str, Any] | None = None) -> None:
         names = list(tools) if tools is not None else []
         self.tool_names: frozenset[str] | None = frozenset(names) if names else None
+        # Tool name -> its JSON-schema ``parameters``: parsers of formats whose argument
+        # values are bare text (XML-like tags) read the declared types from it.
+        self.tool_parameters: Mapping[str, Any] = parameters or {}
         self._id_factory = id_factory or _new_call_id
         self.calls: list[ToolCall] = []
         self._buf = ""
@@ -620,8 +625,9 @@ class MistralToolParser(ToolParser):
     markers = (TAG, ARGS)
 
     def __init__(self, tools: Iterable[str] | None = None,
-                 id_factory: Callable[[], str] | None = None) -> None:
-        super().__init__(tools, id_factory)
+                 id_factory: Callable[[], str] | None = None,
+                 parameters: Mapping[str, Any] | None = None) -> None:
+        super().__init__(tools, id_factory, parameters)
         self._value: _JsonValue | None = None
 
     def _scan(self, out: _Emitter, final: bool) -> None:
@@ -827,8 +833,9 @@ class SectionToolParser(ToolParser):
     MAX_HEADER = 512
 
     def __init__(self, tools: Iterable[str] | None = None,
-                 id_factory: Callable[[], str] | None = None) -> None:
-        super().__init__(tools, id_factory)
+                 id_factory: Callable[[], str] | None = None,
+                 parameters: Mapping[str, Any] | None = None) -> None:
+        super().__init__(tools, id_factory, parameters)
         self.markers = (self.SECTION_BEGIN, self.SECTION_END, self.CALL_BEGIN, self.NAME_SEP,
                         self.ARGS_END)
         self._args_started = False
@@ -937,6 +944,211 @@ class KimiK2ToolParser(SectionToolParser):
         return name, header
 
 
+def typed_argument(raw: str, schema: Any) -> Any:
+    """A tag-delimited argument value (bare text) as the JSON value its schema declares: text
+    for strings (and for undeclared arguments), parsed JSON or a Python literal otherwise,
+    the text itself when it parses as neither."""
+    kinds = schema.get("type") if isinstance(schema, dict) else None
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds} if kinds else set()
+    if not kinds or "string" in kinds:
+        return raw
+    text = raw.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if "boolean" in kinds and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)  # models often write Python literals: {'a': True}
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw
+    return value if isinstance(value, (int, float, bool, list, dict, str)) else raw
+
+
+class TaggedArgumentsToolParser(ToolParser):
+    """Calls whose arguments are one tagged element per argument, the value as bare text:
+    ``CALL_START header ARG... CALL_END``. Subclasses say how the header names the function
+    (``_name``) and how one argument reads (``_argument``).
+
+    The name goes out as soon as it is read; each argument goes out when its closing tag has
+    arrived, as the next fragment of a JSON object (``{"a": 1``, ``, "b": "x"``, ``}``), so the
+    fragments always concatenate to the call's arguments. A call cut off mid-way is closed
+    with what it had (its arguments stay valid JSON) and the unfinished rest is content.
+    """
+
+    CALL_START = CALL_END = ""
+    # Closes the call's wrapper after CALL_END when present (optional at EOS).
+    CALL_TRAILER = ""
+    MAX_HEADER = 512
+
+    def __init__(self, tools: Iterable[str] | None = None,
+                 id_factory: Callable[[], str] | None = None,
+                 parameters: Mapping[str, Any] | None = None) -> None:
+        super().__init__(tools, id_factory, parameters)
+        self._arguments_open = False
+
+    def _name(self, buf: str, final: bool) -> tuple[str, int] | None:
+        """(function name, header length) once the header after CALL_START is complete."""
+        raise NotImplementedError
+
+    def _argument(self, buf: str, final: bool) -> tuple[str, str, int] | None:
+        """(key, raw value, length) of the argument at ``buf[0]``; None: more input needed.
+        Raises _Invalid when ``buf`` cannot start an argument."""
+        raise NotImplementedError
+
+    def _close_arguments(self, out: _Emitter) -> None:
+        out.args("}" if self._arguments_open else "{}")
+        self._arguments_open = False
+
+    def _scan(self, out: _Emitter, final: bool) -> None:
+        try:
+            self._scan_calls(out, final)
+        except _Invalid:
+            if self.state == "arguments":  # committed: close the call before giving up
+                self._close_arguments(out)
+            raise
+        if final and self.state == "arguments":
+            self._close_arguments(out)  # EOS inside a call (max_tokens): keep what came
+            raise _Invalid("call cut off")
+
+    def _scan_calls(self, out: _Emitter, final: bool) -> None:
+        while True:
+            if self.state in ("start", "text"):
+                if self._text_until((self.CALL_START,), out, final) is None:
+                    return
+                self.state = "header"
+            elif self.state == "trailer":
+                i = _skip_ws(self._buf, 0)
+                rest = self._buf[i:]
+                if rest.startswith(self.CALL_TRAILER):
+                    self._buf, self.state = rest[len(self.CALL_TRAILER):], "text"
+                elif not final and (not rest or self.CALL_TRAILER.startswith(rest)):
+                    return
+                else:
+                    self.state = "text"  # no trailer: what follows is content
+            elif self.state == "header":
+                # Until the call commits its start tag stays in the buffer, so a failure
+                # returns it as content too.
+                found = self._name(self._buf[len(self.CALL_START):], final)
+                if found is None:
+                    if len(self._buf) > self.MAX_HEADER + len(self.CALL_START):
+                        raise _Invalid("no function name")
+                    return
+                name, length = found
+                out.begin(self._check_name(name))
+                self._buf = self._buf[len(self.CALL_START) + length:]
+                self.state, self._arguments_open = "arguments", False
+            elif self.state == "arguments":
+                # Whitespace between a call's elements is framing, never content.
+                rest = self._buf = self._buf[_skip_ws(self._buf, 0):]
+                if rest.startswith(self.CALL_END):
+                    self._close_arguments(out)
+                    self._buf = rest[len(self.CALL_END):]
+                    self.state = "trailer" if self.CALL_TRAILER else "text"
+                    continue
+                if not rest or (not final and self.CALL_END.startswith(rest)):
+                    return
+                found = self._argument(rest, final)
+                if found is None:
+                    return
+                key, raw, length = found
+                schema = self.tool_parameters.get(self.calls[-1].name)
+                declared = (schema or {}).get("properties", {}) if isinstance(schema, dict) else {}
+                value = typed_argument(raw, declared.get(key) if isinstance(declared, dict)
+                                       else None)
+                out.args(("{" if not self._arguments_open else ", ")
+                         + json.dumps(key, ensure_ascii=False) + ": "
+                         + json.dumps(value, ensure_ascii=False))
+                self._arguments_open = True
+                self._buf = rest[length:]
+
+
+def _tagged(buf: str, open_tag: str, close_tag: str, final: bool) -> tuple[str, int] | None:
+    """The text of ``open_tag ... close_tag`` at ``buf[0]`` and the element's length."""
+    if not buf.startswith(open_tag):
+        if final or not open_tag.startswith(buf):
+            raise _Invalid(f"expected {open_tag}")
+        return None
+    end = buf.find(close_tag, len(open_tag))
+    if end < 0:
+        return None
+    return buf[len(open_tag):end], end + len(close_tag)
+
+
+class Qwen3CoderToolParser(TaggedArgumentsToolParser):
+    """``qwen3_coder`` (Qwen3-Coder, SGLang's ``qwen3_coder``, SMG's ``qwen_xml``):
+    ``<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n
+    </tool_call>``."""
+
+    name = "qwen3_coder"
+    CALL_START, CALL_END, CALL_TRAILER = "<tool_call>", "</function>", "</tool_call>"
+    markers = ("<tool_call>", "</tool_call>")
+    FUNCTION, PARAMETER, PARAMETER_END = "<function=", "<parameter=", "</parameter>"
+
+    def _name(self, buf: str, final: bool) -> tuple[str, int] | None:
+        i = _skip_ws(buf, 0)
+        rest = buf[i:]
+        if not rest.startswith(self.FUNCTION):
+            if final or not self.FUNCTION.startswith(rest):
+                raise _Invalid("expected <function=")
+            return None
+        end = rest.find(">", len(self.FUNCTION))
+        if end < 0:
+            return None
+        return rest[len(self.FUNCTION):end], i + end + 1
+
+    def _argument(self, buf: str, final: bool) -> tuple[str, str, int] | None:
+        found = _tagged(buf, self.PARAMETER, self.PARAMETER_END, final)
+        if found is None:
+            return None
+        body, length = found
+        key, sep, value = body.partition(">")
+        if not sep or not key.strip():
+            raise _Invalid("bad <parameter=...>")
+        # The template puts the value on its own lines: one newline each side is framing.
+        value = value.removeprefix("\n").removesuffix("\n")
+        return key.strip(), value, length
+
+
+class Glm45ToolParser(TaggedArgumentsToolParser):
+    """``glm45`` (GLM-4.5 / 4.6 / 4.7, SMG's ``glm45_moe`` / ``glm47_moe``):
+    ``<tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>\n</tool_call>``
+    (4.7 writes it without the newlines)."""
+
+    name = "glm45"
+    CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+    KEY, KEY_END, VALUE, VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+    markers = ("<tool_call>", "</tool_call>", KEY, KEY_END, VALUE, VALUE_END)
+
+    def _name(self, buf: str, final: bool) -> tuple[str, int] | None:
+        ends = [p for p in (buf.find("\n"), buf.find(self.KEY), buf.find(self.CALL_END))
+                if p >= 0]
+        if not ends:
+            if final:
+                raise _Invalid("no function name")
+            return None
+        end = min(ends)
+        return buf[:end].strip(), end
+
+    def _argument(self, buf: str, final: bool) -> tuple[str, str, int] | None:
+        key = _tagged(buf, self.KEY, self.KEY_END, final)
+        if key is None:
+            return None
+        name, length = key
+        i = _skip_ws(buf, length)
+        if i >= len(buf):
+            if final:
+                raise _Invalid("argument without a value")
+            return None
+        value = _tagged(buf[i:], self.VALUE, self.VALUE_END, final)
+        if value is None:
+            return None
+        if not name.strip():
+            raise _Invalid("empty argument name")
+        return name.strip(), value[0], i + value[1]
+
+
 # name -> parser class; aliases as SGLang / SMG spell them.
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "json": JsonToolParser,
@@ -957,10 +1169,21 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "deepseek31": DeepSeekV31ToolParser,
     "kimi_k2": KimiK2ToolParser,
     "kimik2": KimiK2ToolParser,
+    "qwen3_coder": Qwen3CoderToolParser,
+    "qwen_coder": Qwen3CoderToolParser,
+    "qwen_xml": Qwen3CoderToolParser,
+    "glm45": Glm45ToolParser,
+    "glm": Glm45ToolParser,
+    "glm4": Glm45ToolParser,
+    "glm4_moe": Glm45ToolParser,
+    "glm45_moe": Glm45ToolParser,
+    "glm47_moe": Glm45ToolParser,
 }
 
 # Model-name globs (lower case) -> parser, first match wins (SMG's ParserFactory::map_model).
 MODEL_PATTERNS: list[tuple[str, str]] = [
+    ("*qwen3-coder*", "qwen3_coder"),
+    ("*qwen3coder*", "qwen3_coder"),
     ("*qwen*", "hermes"),
     ("*hermes*", "hermes"),
     ("*llama-4*", "pythonic"),
@@ -973,6 +1196,9 @@ MODEL_PATTERNS: list[tuple[str, str]] = [
     ("*deepseek-v3*", "deepseekv3"),
     ("*deepseek-r1*", "deepseekv3"),
     ("*kimi-k2*", "kimi_k2"),
+    ("*glm-4.5*", "glm45"),
+    ("*glm-4.6*", "glm45"),
+    ("*glm-4.7*", "glm45"),
 ]
 
 
@@ -986,12 +1212,15 @@ def detect_tool_parser(model: str) -> str:
 
 
 def create_tool_parser(name: str, tools: Iterable[str] | None = None,
-                       id_factory: Callable[[], str] | None = None) -> ToolParser:
-    """A fresh parser (one per generation); KeyError for an unknown name."""
-    return TOOL_PARSERS[name](tools, id_factory)
+                       id_factory: Callable[[], str] | None = None,
+                       parameters: Mapping[str, Any] | None = None) -> ToolParser:
+    """A fresh parser (one per generation); KeyError for an unknown name. ``parameters``:
+    tool name -> its JSON-schema parameters (typed values for tag-delimited formats)."""
+    return TOOL_PARSERS[name](tools, id_factory, parameters)
 
 
-def parse_tool_calls(name: str, text: str,
-                     tools: Iterable[str] | None = None) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(name: str, text: str, tools: Iterable[str] | None = None,
+                     parameters: Mapping[str, Any] | None = None
+                     ) -> tuple[str, list[ToolCall]]:
     """Non-streaming parse of a whole output: (content, calls)."""
-    return create_tool_parser(name, tools).parse(text)
+    return create_tool_parser(name, tools, parameters=parameters).parse(text)

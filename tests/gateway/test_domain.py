@@ -7,7 +7,7 @@ import pytest
 from services.gateway.errors import OpenAIError
 from services.gateway.items import integral, items_to_messages, normalize_input
 from services.gateway.schema import check_json_schema
-from services.gateway.serving_chat import Delta, ToolCallPart, _tool_delta, tool_parser_for
+from services.gateway.serving_chat import Delta, ToolCallPart, _tool_delta
 from services.gateway.serving_responses import OutputBuilder
 
 
@@ -62,9 +62,6 @@ def test_tool_deltas_follow_openai_rules() -> None:
         "index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
     assert _tool_delta(ToolCallPart(0, "", "", '{"a"')) == {
         "index": 0, "function": {"arguments": '{"a"'}}
-    assert tool_parser_for("Qwen2.5-7B", "") == "hermes"
-    assert tool_parser_for("SmolLM2", "") == "json"
-    assert tool_parser_for("Qwen2.5-7B", "llama3") == "llama3"
 
 
 def test_output_builder_events() -> None:

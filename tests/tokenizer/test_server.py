@@ -369,6 +369,40 @@ def test_decode_stream_tool_calls(stub: Any, hf_tokenizer: Any) -> None:
     assert json.loads("".join(d.arguments for d in deltas)) == {"city": "Paris"}
 
 
+def _streamed_calls(stub: Any, hf_tokenizer: Any, output: str, **start_args: Any
+                    ) -> tuple[str, list[tuple[str, Any]]]:
+    ids = hf_tokenizer(output, add_special_tokens=False)["input_ids"]
+    reqs = [start(**start_args)]
+    reqs += [tokens([i], finished=n == len(ids) - 1) for n, i in enumerate(ids)]
+    replies = decode_stream(stub, reqs)
+    calls: dict[int, list[str]] = {}
+    for delta in (c for r in replies for c in r.tool_calls):
+        entry = calls.setdefault(delta.tool_index, [delta.name, ""])
+        entry[1] += delta.arguments
+    return ("".join(r.text for r in replies),
+            [(name, json.loads(args)) for name, args in calls.values()])
+
+
+def test_decode_stream_typed_tag_arguments(stub: Any, hf_tokenizer: Any) -> None:
+    """qwen3_coder writes argument values as bare text: the tool's schema types them."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "days": {"type": "integer"}}}}}
+    output = ("<tool_call>\n<function=get_weather>\n<parameter=city>\n42 Street\n</parameter>\n"
+              "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    text, calls = _streamed_calls(stub, hf_tokenizer, output, tool_parser="qwen3_coder",
+                                  tools=[struct(tool)])
+    assert text == ""
+    assert calls == [("get_weather", {"city": "42 Street", "days": 3})]
+
+
+def test_decode_stream_default_parser_falls_back_to_json(stub: Any, hf_tokenizer: Any) -> None:
+    """No parser named, a model name no format is known for: JSON calls are still calls."""
+    output = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    text, calls = _streamed_calls(stub, hf_tokenizer, output, tools=[struct(WEATHER_TOOL)])
+    assert (text, calls) == ("", [("get_weather", {"city": "Paris"})])
+
+
 def test_tool_validation_over_grpc(stub: Any) -> None:
     bad = {"type": "function", "function": {"name": "ok", "parameters": {"type": "list"}}}
     details = expect_error(lambda: decode_stream(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -21,15 +22,17 @@ from services.tokenizer.tool_parsers import (
 TOOLS = ["get_weather", "get_time", "search"]
 
 
-def make(name: str, tools: list[str] | None = TOOLS) -> ToolParser:
+def make(name: str, tools: list[str] | None = TOOLS,
+         parameters: dict[str, Any] | None = None) -> ToolParser:
     counter = itertools.count()
-    return create_tool_parser(name, tools, id_factory=lambda: f"call_{next(counter)}")
+    return create_tool_parser(name, tools, id_factory=lambda: f"call_{next(counter)}",
+                              parameters=parameters)
 
 
-def stream(name: str, pieces: list[str], tools: list[str] | None = TOOLS
-           ) -> tuple[str, list[dict[str, str]]]:
+def stream(name: str, pieces: list[str], tools: list[str] | None = TOOLS,
+           parameters: dict[str, Any] | None = None) -> tuple[str, list[dict[str, str]]]:
     """Feeds pieces; checks OpenAI's delta rules; returns (content, calls) from the deltas."""
-    parser = make(name, tools)
+    parser = make(name, tools, parameters)
     content = ""
     calls: list[dict[str, str]] = []
     results = [parser.push(p) for p in pieces] + [parser.flush()]
@@ -60,10 +63,10 @@ def chunkings(text: str) -> list[list[str]]:
 
 
 def check(name: str, text: str, want_content: str, want_calls: list[tuple[str, dict]],
-          tools: list[str] | None = TOOLS) -> None:
-    whole_content, whole_calls = parse_tool_calls(name, text, tools)
+          tools: list[str] | None = TOOLS, parameters: dict[str, Any] | None = None) -> None:
+    whole_content, whole_calls = parse_tool_calls(name, text, tools, parameters)
     for pieces in chunkings(text):
-        content, calls = stream(name, pieces, tools)
+        content, calls = stream(name, pieces, tools, parameters)
         assert content == whole_content == want_content, pieces
         assert [(c["name"], c["arguments"]) for c in calls] == \
             [(c.name, c.arguments) for c in whole_calls]
@@ -264,6 +267,76 @@ def test_section_fallback() -> None:
     check("deepseekv31", text, text, [])
 
 
+# -- qwen3_coder / glm45: one tagged element per argument, typed by the tool's schema ---------
+
+SCHEMAS = {
+    "get_weather": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+        "hours": {"type": "array"}, "where": {"type": ["object", "null"]}}},
+    "search": {"type": "object", "properties": {"query": {"type": "string"},
+                                                "limit": {"type": "number"}}},
+}
+
+
+def test_qwen3_coder_typed_arguments_and_two_calls() -> None:
+    text = ("Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n"
+            "</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=metric>\nTrue\n"
+            "</parameter>\n<parameter=hours>\n[9, 12]\n</parameter>\n<parameter=where>\n"
+            "{'lat': 40.7, 'near': None}\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n"
+            "<function=search>\n<parameter=query>\n007\n</parameter>\n<parameter=limit>\n2.5\n"
+            "</parameter>\n</function>\n</tool_call>")
+    check("qwen3_coder", text, "Let me check.\n", [
+        ("get_weather", {"city": "New York", "days": 3, "metric": True, "hours": [9, 12],
+                         "where": {"lat": 40.7, "near": None}}),
+        ("search", {"query": "007", "limit": 2.5})], parameters=SCHEMAS)
+
+
+def test_qwen3_coder_multiline_text_values_and_no_schema() -> None:
+    code = "def f(x):\n    return x < 3 and x > 1\n"
+    text = ("<tool_call>\n<function=search>\n<parameter=query>\n" + code + "\n</parameter>\n"
+            "<parameter=limit>\n10\n</parameter>\n</function>\n</tool_call>")
+    # With the schema, limit is a number; without one every value is text, as written.
+    check("qwen3_coder", text, "", [("search", {"query": code, "limit": 10})],
+          parameters=SCHEMAS)
+    check("qwen3_coder", text, "", [("search", {"query": code, "limit": "10"})])
+
+
+def test_qwen3_coder_no_arguments_eos_and_cut_off() -> None:
+    check("qwen3_coder", "<tool_call>\n<function=get_time>\n</function>", "",
+          [("get_time", {})])
+    # max_tokens inside the second argument: the call keeps the first, the rest is content
+    text = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+            "<parameter=days>\n1")
+    check("qwen3_coder", text, "<parameter=days>\n1", [("get_weather", {"city": "Oslo"})],
+          parameters=SCHEMAS)
+
+
+def test_qwen3_coder_lookalikes_and_unknown_tools_stay_content() -> None:
+    for text in ["Use <tool_call> tags like <function=x>.", "a < b and <tool_call>",
+                 "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>"]:
+        check("qwen3_coder", text, text, [])
+
+
+def test_glm45_and_glm47_formats() -> None:
+    glm45 = ("I'll look.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris"
+             "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>\n"
+             "<tool_call>get_time\n<arg_key>timezone</arg_key>\n<arg_value>Europe/Paris"
+             "</arg_value>\n</tool_call>")
+    check("glm45", glm45, "I'll look.\n", [("get_weather", {"city": "Paris", "days": 2}),
+                                           TIME], parameters=SCHEMAS)
+    glm47 = ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+             "<arg_key>hours</arg_key><arg_value>[1, 2]</arg_value></tool_call>")
+    check("glm47_moe", glm47, "", [("get_weather", {"city": "Paris", "hours": [1, 2]})],
+          parameters=SCHEMAS)
+    check("glm45", "<tool_call>get_time</tool_call>", "", [("get_time", {})])
+
+
+def test_glm45_broken_markup_is_content() -> None:
+    check("glm45", "<tool_call>nope\n</tool_call>", "<tool_call>nope\n</tool_call>", [])
+    text = "<tool_call>get_time\n<arg_value>x</arg_value></tool_call> after"
+    check("glm45", text, "<arg_value>x</arg_value></tool_call> after", [("get_time", {})])
+
+
 # -- properties --------------------------------------------------------------------------------
 
 
@@ -304,6 +377,10 @@ def test_registry_and_detection() -> None:
     assert detect_tool_parser("meta-llama/Llama-4-Scout-17B-16E") == "pythonic"
     assert detect_tool_parser("mistralai/Mistral-7B-Instruct-v0.3") == "mistral"
     assert detect_tool_parser("deepseek-ai/DeepSeek-V3.1") == "deepseekv31"
+    assert detect_tool_parser("Qwen/Qwen3-Coder-480B-A35B-Instruct") == "qwen3_coder"
+    assert detect_tool_parser("Qwen/Qwen3-8B") == "hermes"
+    assert detect_tool_parser("zai-org/GLM-4.5-Air") == "glm45"
+    assert detect_tool_parser("zai-org/GLM-4.7") == "glm45"
     assert detect_tool_parser("SmolLM2-135M-Instruct") == ""
     with pytest.raises(KeyError):
         create_tool_parser("nope")
@@ -313,13 +390,16 @@ _FRAGMENTS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "
               "<|python_start|>", "<|python_end|>", "<｜tool▁calls▁begin｜>",
               "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "```json",
               '{"name": "get_time", ', '"arguments": ', '{"a": [1, "x"]}', "}", "]", "[",
-              "get_time(", "a=1", ")", ",", ";", " ", "\n", "text", '"', "\\", "é"]
+              "get_time(", "a=1", ")", ",", ";", " ", "\n", "text", '"', "\\", "é",
+              "<function=get_time>", "<parameter=a>", "</parameter>", "</function>",
+              "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "get_time\n"]
 
 
 @settings(max_examples=40, deadline=None)
 @given(parts=st.lists(st.sampled_from(_FRAGMENTS), max_size=14), seed=st.integers(0, 10**6))
 @pytest.mark.parametrize("name", ["json", "hermes", "llama3", "mistral", "pythonic",
-                                  "deepseekv3", "deepseekv31", "kimi_k2"])
+                                  "deepseekv3", "deepseekv31", "kimi_k2", "qwen3_coder",
+                                  "glm45"])
 def test_any_text_streams_like_whole(name: str, parts: list[str], seed: int) -> None:
     """Arbitrary text: chunking never changes the result, and no text is lost."""
     text = "".join(parts)

@@ -76,12 +76,12 @@ def test_core_validates_tools(tmp_path: Any, tokenizer_dir: Any) -> None:
     with pytest.raises(InvalidRequest) as info:
         core.open_stream("smollm2", DecodeOptions(), tool_parser="nope", tools=[WEATHER])
     assert info.value.field == "tool_parser" and "hermes" in str(info.value)
-    # no tools: no tool parsing, whatever the parser; auto: by model name
+    # no tools: no tool parsing, whatever the parser; auto: by model name, else JSON
     assert core.open_stream("smollm2", DecodeOptions(), tool_parser="hermes").tool_parser == ""
     core.load_dir("Qwen2.5-7B-Instruct", str(tokenizer_dir))
     assert core.open_stream("Qwen2.5-7B-Instruct", DecodeOptions(),
                             tools=[WEATHER]).tool_parser == "hermes"
-    assert core.open_stream("smollm2", DecodeOptions(), tools=[WEATHER]).tool_parser == ""
+    assert core.open_stream("smollm2", DecodeOptions(), tools=[WEATHER]).tool_parser == "json"
     spec = core.open_stream("smollm2", DecodeOptions(), reasoning_parser="passthrough")
     assert spec.new_session().reasoning is None
 
