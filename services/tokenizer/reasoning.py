@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.tokenizer.harmony import CHANNEL, MARKERS, MESSAGE, HarmonySplitter, call_name
+
 
 @dataclass
 class ReasoningDelta:
@@ -90,6 +92,46 @@ class ThinkParser:
         return ReasoningDelta(text=held)
 
 
+class HarmonyReasoningParser:
+    """``gpt_oss``: harmony's ``analysis`` channel is reasoning; ``final`` and ``commentary``
+    bodies are content without their framing; a tool call (``to=functions.NAME``) goes on
+    as ``<|channel|>commentary to=functions.NAME<|message|>ARGS<|call|>`` for the ``gpt_oss``
+    tool-call parser."""
+
+    markers = MARKERS
+
+    def __init__(self) -> None:
+        self._splitter = HarmonySplitter()
+        self._mode = "text"
+
+    def push(self, text: str, final: bool = False) -> ReasoningDelta:
+        out = ReasoningDelta()
+        for event in self._splitter.feed(text, final):
+            if event.kind == "open":
+                if event.channel == "analysis":
+                    self._mode = "reasoning"
+                elif call_name(event.recipient):
+                    self._mode = "call"
+                    out.text += f"{CHANNEL}commentary to={event.recipient}{MESSAGE}"
+                else:
+                    self._mode = "text"
+            elif event.kind == "body":
+                if self._mode == "reasoning":
+                    out.reasoning += event.text
+                else:
+                    out.text += event.text
+            elif event.kind == "close":
+                if self._mode == "call":
+                    out.text += "<|call|>"
+                self._mode = "text"
+            else:
+                out.text += event.text
+        return out
+
+    def flush(self) -> ReasoningDelta:
+        return self.push("", final=True)
+
+
 @dataclass(frozen=True)
 class ReasoningSpec:
     start: str = "<think>"
@@ -113,11 +155,16 @@ REASONING_SPECS: dict[str, ReasoningSpec] = {
 }
 PASSTHROUGH = "passthrough"
 # name -> whether the generation starts inside the reasoning block by default.
+HARMONY = ("gpt_oss", "gpt-oss")
 REASONING_PARSERS: dict[str, bool] = {
-    **{name: spec.in_reasoning for name, spec in REASONING_SPECS.items()}, PASSTHROUGH: False}
+    **{name: spec.in_reasoning for name, spec in REASONING_SPECS.items()},
+    **{name: False for name in HARMONY}, PASSTHROUGH: False}
 
 
-def create_reasoning_parser(name: str, reasoning_open: bool = False) -> ThinkParser:
+def create_reasoning_parser(name: str, reasoning_open: bool = False
+                            ) -> ThinkParser | HarmonyReasoningParser:
     """A parser by name; KeyError for an unknown one (``passthrough`` means: none)."""
+    if name in HARMONY:
+        return HarmonyReasoningParser()
     spec = REASONING_SPECS[name]
     return ThinkParser(spec.start, spec.end, in_reasoning=spec.in_reasoning or reasoning_open)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.tokenizer.incremental import Decoder, IncrementalDecoder, StopStringMatcher
-from services.tokenizer.reasoning import ThinkParser
+from services.tokenizer.reasoning import HarmonyReasoningParser, ThinkParser
 from services.tokenizer.tool_parsers import ToolCallDelta, ToolParser
 
 
@@ -35,12 +35,16 @@ class DecodeSession:
     """
 
     def __init__(self, tokenizer: Decoder, options: DecodeOptions,
-                 reasoning: ThinkParser | None = None, tools: ToolParser | None = None,
+                 reasoning: ThinkParser | HarmonyReasoningParser | None = None,
+                 tools: ToolParser | None = None,
                  special_token_ids: dict[str, int] | None = None) -> None:
         skip = options.skip_special_tokens
         self._drop: frozenset[int] = frozenset()
-        if tools is not None and skip and special_token_ids:
-            keep = {special_token_ids[m] for m in tools.markers if m in special_token_ids}
+        # The parsers' marker tokens (tool-call tags, harmony's message framing) stay in the
+        # text while every other special token is still skipped.
+        markers = (*getattr(reasoning, "markers", ()), *(tools.markers if tools else ()))
+        if markers and skip and special_token_ids:
+            keep = {special_token_ids[m] for m in markers if m in special_token_ids}
             if keep:
                 self._drop = frozenset(special_token_ids.values()) - keep
                 skip = False

@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.tokenizer.harmony import MARKERS as HARMONY_MARKERS
+from services.tokenizer.harmony import HarmonySplitter, call_name
+
 _WS = " \t\r\n"
 
 
@@ -394,10 +397,10 @@ class ToolParser:
             return
         if self.calls:  # whitespace between or after calls is not content
             s = self._ws_hold + s
-            if not s.strip(_WS):
-                self._ws_hold = s
-                return
-            self._ws_hold = ""
+            body = s.rstrip(_WS)
+            # trailing whitespace waits: content if more text follows, else dropped
+            self._ws_hold = s[len(body):]
+            s = body
         result.text += s
 
     def _flush_ws_hold(self, result: ToolParseResult, drop: bool) -> None:
@@ -1149,6 +1152,49 @@ class Glm45ToolParser(TaggedArgumentsToolParser):
         return name.strip(), value[0], i + value[1]
 
 
+class GptOssToolParser(ToolParser):
+    """``gpt_oss``: harmony messages (see :mod:`services.tokenizer.harmony`). A message to
+    ``functions.NAME`` is a call, its body the arguments (streamed); other messages are
+    content without their framing (``analysis`` too, unless the ``gpt_oss`` reasoning
+    parser took it first); a call to a tool the request does not have stays content."""
+
+    name = "gpt_oss"
+    markers = HARMONY_MARKERS
+
+    def __init__(self, tools: Iterable[str] | None = None,
+                 id_factory: Callable[[], str] | None = None,
+                 parameters: Mapping[str, Any] | None = None) -> None:
+        super().__init__(tools, id_factory, parameters)
+        self._splitter = HarmonySplitter()
+        self._in_call = False
+        self._args_seen = False
+
+    def _scan(self, out: _Emitter, final: bool) -> None:
+        text, self._buf = self._buf, ""
+        for event in self._splitter.feed(text, final):
+            if event.kind == "open":
+                name = call_name(event.recipient)
+                self._in_call = bool(name) and (self.tool_names is None
+                                                or name in self.tool_names)
+                if self._in_call:
+                    out.begin(name)
+                    self._args_seen = False
+            elif event.kind == "body":
+                if not self._in_call:
+                    out.text(event.text)
+                    continue
+                fragment = event.text if self._args_seen else event.text.lstrip(_WS)
+                if fragment:
+                    self._args_seen = True
+                    out.args(fragment)
+            elif event.kind == "close":
+                if self._in_call and not self._args_seen:
+                    out.args("{}")
+                self._in_call = False
+            else:
+                out.text(event.text)
+
+
 # name -> parser class; aliases as SGLang / SMG spell them.
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "json": JsonToolParser,
@@ -1178,6 +1224,8 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "glm4_moe": Glm45ToolParser,
     "glm45_moe": Glm45ToolParser,
     "glm47_moe": Glm45ToolParser,
+    "gpt_oss": GptOssToolParser,
+    "gpt-oss": GptOssToolParser,
 }
 
 # Model-name globs (lower case) -> parser, first match wins (SMG's ParserFactory::map_model).
@@ -1199,6 +1247,7 @@ MODEL_PATTERNS: list[tuple[str, str]] = [
     ("*glm-4.5*", "glm45"),
     ("*glm-4.6*", "glm45"),
     ("*glm-4.7*", "glm45"),
+    ("*gpt-oss*", "gpt_oss"),
 ]
 
 

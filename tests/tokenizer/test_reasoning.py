@@ -81,3 +81,36 @@ def test_more_parsers(n: int) -> None:
     assert run(create_reasoning_parser("deepseek_r1"), split_every("x</think>y", n)) == ("x", "y")
     assert run(create_reasoning_parser("qwen3_thinking"), split_every("x</think>y", n)) == \
         ("x", "y")
+
+
+# -- gpt-oss (harmony) -------------------------------------------------------------------------
+
+HARMONY_ANSWER = ("<|channel|>analysis<|message|>User asks capital. Easy.<|end|>"
+                  "<|start|>assistant<|channel|>final<|message|>Paris is the capital.<|return|>")
+HARMONY_CALL = ("<|channel|>analysis<|message|>Need the weather tool.<|end|>"
+                "<|start|>assistant<|channel|>commentary to=functions.get_weather "
+                "<|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>")
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1000])
+def test_gpt_oss_analysis_is_reasoning_final_is_content(n: int) -> None:
+    assert run(create_reasoning_parser("gpt_oss"), split_every(HARMONY_ANSWER, n)) == \
+        ("User asks capital. Easy.", "Paris is the capital.")
+
+
+@pytest.mark.parametrize("n", [1, 3, 1000])
+def test_gpt_oss_call_goes_on_for_the_tool_parser(n: int) -> None:
+    reasoning, text = run(create_reasoning_parser("gpt-oss"), split_every(HARMONY_CALL, n))
+    assert reasoning == "Need the weather tool."
+    assert text == ('<|channel|>commentary to=functions.get_weather<|message|>'
+                    '{"city": "Paris"}<|call|>')
+
+
+def test_gpt_oss_preamble_cut_off_and_plain_text() -> None:
+    preamble = ("<|channel|>commentary<|message|>Let me check.<|end|>"
+                "<|start|>assistant<|channel|>analysis<|message|>still thinking")
+    assert run(create_reasoning_parser("gpt_oss"), [preamble]) == \
+        ("still thinking", "Let me check.")
+    # a model that does not speak harmony: its text is content, untouched
+    assert run(create_reasoning_parser("gpt_oss"), split_every("Just <text>.", 2)) == \
+        ("", "Just <text>.")

@@ -337,6 +337,23 @@ def test_glm45_broken_markup_is_content() -> None:
     check("glm45", text, "<arg_value>x</arg_value></tool_call> after", [("get_time", {})])
 
 
+def test_gpt_oss_harmony_calls() -> None:
+    # as the gpt_oss reasoning parser passes a call on
+    text = ('<|channel|>commentary to=functions.get_weather<|message|>{"city": "Paris", '
+            '"unit": "celsius"}<|call|>')
+    check("gpt_oss", text, "", [WEATHER])
+    # raw harmony without the reasoning parser: other messages are content without framing
+    raw = ("<|channel|>analysis<|message|>Need time.<|end|><|start|>assistant<|channel|>"
+           "commentary to=functions.get_time <|constrain|>json<|message|> "
+           '{"timezone": "Europe/Paris"}<|call|>')
+    check("gpt_oss", raw, "Need time.", [TIME])
+    check("gpt_oss", "<|channel|>commentary to=functions.get_time<|message|><|call|>", "",
+          [("get_time", {})])
+    # a tool the request does not have, and a built-in recipient, stay content
+    check("gpt_oss", "<|channel|>commentary to=functions.rm<|message|>{}<|call|>", "{}", [])
+    check("gpt_oss", "<|channel|>analysis to=python<|message|>1+1<|call|>", "1+1", [])
+
+
 # -- properties --------------------------------------------------------------------------------
 
 
@@ -381,6 +398,7 @@ def test_registry_and_detection() -> None:
     assert detect_tool_parser("Qwen/Qwen3-8B") == "hermes"
     assert detect_tool_parser("zai-org/GLM-4.5-Air") == "glm45"
     assert detect_tool_parser("zai-org/GLM-4.7") == "glm45"
+    assert detect_tool_parser("openai/gpt-oss-20b") == "gpt_oss"
     assert detect_tool_parser("SmolLM2-135M-Instruct") == ""
     with pytest.raises(KeyError):
         create_tool_parser("nope")
@@ -392,14 +410,16 @@ _FRAGMENTS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "
               '{"name": "get_time", ', '"arguments": ', '{"a": [1, "x"]}', "}", "]", "[",
               "get_time(", "a=1", ")", ",", ";", " ", "\n", "text", '"', "\\", "é",
               "<function=get_time>", "<parameter=a>", "</parameter>", "</function>",
-              "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "get_time\n"]
+              "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "get_time\n",
+              "<|channel|>", "<|message|>", "<|call|>", "<|end|>", "<|start|>assistant",
+              "commentary to=functions.get_time ", "analysis"]
 
 
 @settings(max_examples=40, deadline=None)
 @given(parts=st.lists(st.sampled_from(_FRAGMENTS), max_size=14), seed=st.integers(0, 10**6))
 @pytest.mark.parametrize("name", ["json", "hermes", "llama3", "mistral", "pythonic",
                                   "deepseekv3", "deepseekv31", "kimi_k2", "qwen3_coder",
-                                  "glm45"])
+                                  "glm45", "gpt_oss"])
 def test_any_text_streams_like_whole(name: str, parts: list[str], seed: int) -> None:
     """Arbitrary text: chunking never changes the result, and no text is lost."""
     text = "".join(parts)
@@ -412,5 +432,6 @@ def test_any_text_streams_like_whole(name: str, parts: list[str], seed: int) -> 
         assert content == whole_content
         assert [(c["name"], c["arguments"]) for c in calls] == \
             [(c.name, c.arguments) for c in whole_calls]
-    if not whole_calls:
+    # (harmony's framing of complete messages is not content)
+    if not whole_calls and (name != "gpt_oss" or "<|message|>" not in text):
         assert whole_content == text

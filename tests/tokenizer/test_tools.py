@@ -132,6 +132,29 @@ def test_special_marker_tokens_survive_skip(tokenizer_dir: Any) -> None:
     assert run(plain, ids)[0] == json.dumps({"name": "get_time", "parameters": {"tz": "UTC"}})
 
 
+def test_gpt_oss_harmony_tokens_through_a_session(tokenizer_dir: Any) -> None:
+    """gpt-oss's framing tokens are special: both parsers see them, others stay skipped."""
+    tok = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.add_special_tokens(["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>",
+                            "<|constrain|>", "<|return|>", "<|endoftext|>"])
+    special = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    output = ("<|channel|>analysis<|message|>Weather needed.<|end|><|start|>assistant"
+              "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+              '{"city": "Oslo"}<|call|><|endoftext|>')
+    ids = tok.encode(output, add_special_tokens=False).ids
+    session = DecodeSession(tok, DecodeOptions(), create_reasoning_parser("gpt_oss"),
+                            create_tool_parser("gpt_oss", ["get_weather"]), special)
+    text, reasoning, calls = run(session, ids)
+    assert (text, reasoning) == ("", "Weather needed.")
+    assert calls == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
+    answer = ("<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final"
+              "<|message|>Oslo is cold.<|return|>")
+    session = DecodeSession(tok, DecodeOptions(), create_reasoning_parser("gpt_oss"), None,
+                            special)
+    assert run(session, tok.encode(answer, add_special_tokens=False).ids)[:2] == \
+        ("Oslo is cold.", "Easy.")
+
+
 def test_stop_string_ends_tool_parsing(loaded: Any) -> None:
     ids = loaded.encode('<tool_call>{"name": "f", "arguments": {}}</tool_call> STOP more')
     session = DecodeSession(loaded, DecodeOptions(stop=[" STOP"]), None,
