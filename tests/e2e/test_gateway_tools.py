@@ -37,6 +37,10 @@ SCRIPTS = {
                   '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]'),
     "think": "<think>The user wants 2+2. That is 4.</think>The answer is 4.",
     "plain": "Hello from the script.",
+    # Qwen3-Coder's format: bare-text argument values, typed by the tool's schema.
+    "coder": ("Checking.\n<tool_call>\n<function=get_forecast>\n<parameter=city>\n1 Main St\n"
+              "</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=hourly>\ntrue\n"
+              "</parameter>\n</function>\n</tool_call>"),
 }
 
 
@@ -153,10 +157,34 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise TimeoutError(log.read_text()[-3000:])
 
 
+def _start_gateway(targets: dict[str, str], log: Path, *flags: str
+                   ) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--port", str(port),
+             "--router", targets["router"], "--tokenizer", targets["tokenizer"],
+             "--history", targets["history"], *flags],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(f"{url}/health", proc, log)
+    return url, proc
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Iterator[str]:
-    """history, tokenizer, one scripted worker, a router, and a gateway with
-    --reasoning-parser qwen3, each a real process."""
+def stack_services(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path
+                   ) -> Iterator[dict[str, str]]:
+    """history, tokenizer, one scripted worker and a router, each a real process: their
+    targets, and the url of a gateway with --reasoning-parser qwen3 in front of them."""
     tmp = tmp_path_factory.mktemp("tools")
     worker_port = free_port()
     services = [
@@ -180,27 +208,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) ->
         router = ServiceProcess("router", ["--worker-urls", f"grpc://127.0.0.1:{worker_port}"])
         services.append(router)
         router.start()
-        gw_port = free_port()
-        gateway_log = tmp / "gateway.log"
-        with open(gateway_log, "wb") as out:
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "services.gateway", "--port", str(gw_port),
-                 "--router", router.target, "--tokenizer", services[1].target,
-                 "--history", services[0].target, "--reasoning-parser", "qwen3"],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{gw_port}"
-        _wait_http(f"{url}/health", gateway, gateway_log)
-        yield url
+        targets = {"router": router.target, "tokenizer": services[1].target,
+                   "history": services[0].target, "tmp": str(tmp)}
+        url, gateway = _start_gateway(targets, tmp / "gateway.log", "--reasoning-parser",
+                                      "qwen3")
+        yield {**targets, "gateway": url}
     finally:
-        for proc in (gateway, worker):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop(gateway)
+        _stop(worker)
         for service in reversed(services):
             service.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(stack_services: dict[str, str]) -> str:
+    return stack_services["gateway"]
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +325,37 @@ def test_reasoning_content(client: openai.OpenAI) -> None:
     raw = client.chat.completions.create(model=MODEL, messages=_ask("think"),
                                          extra_body={"separate_reasoning": False})
     assert raw.choices[0].message.content == SCRIPTS["think"]
+
+
+def test_qwen3_coder_arguments_typed_by_the_request_schema(
+        stack_services: dict[str, str]) -> None:
+    """A gateway with --tool-call-parser qwen3_coder: the request's tool schema reaches the
+    tokenizer's parser, which types the bare-text values (string, integer, boolean)."""
+    url, gateway = _start_gateway(stack_services,
+                                  Path(stack_services["tmp"]) / "coder-gateway.log",
+                                  "--tool-call-parser", "qwen3_coder")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0,
+                               http_client=httpx.Client(trust_env=False, timeout=60))
+        tools = [{"type": "function", "function": {"name": "get_forecast", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"},
+                                             "days": {"type": "integer"},
+                                             "hourly": {"type": "boolean"}}}}}]
+        reply = client.chat.completions.create(model=MODEL, messages=_ask("coder"), tools=tools)
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert message.content == "Checking.\n"
+        [call] = message.tool_calls
+        assert call.function.name == "get_forecast"
+        want = {"city": "1 Main St", "days": 3, "hourly": True}
+        assert json.loads(call.function.arguments) == want
+        chunks = list(client.chat.completions.create(model=MODEL, messages=_ask("coder"),
+                                                     tools=tools, stream=True))
+        args = "".join(c.function.arguments or "" for chunk in chunks
+                       for c in chunk.choices[0].delta.tool_calls or [])
+        assert json.loads(args) == want
+    finally:
+        _stop(gateway)
 
 
 def test_responses_function_calling(client: openai.OpenAI) -> None:
