@@ -299,7 +299,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             frames = await chat.stream(body, rid)
             return EventStreamResponse(frames)
         result = await until_disconnect(request, chat.complete(body, rid))
-        return JSONResponse(result.model_dump(exclude_none=False))
+        return Response(result.model_dump_json(), media_type="application/json")
 
     # ---- completions, native generate, tokenize, embeddings ------------------------------------
 
