@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.gateway.config import GatewayConfig
+from services.gateway.openapi import documented
+from services.gateway.protocol import RerankRequest
 from services.gateway.serving_rerank import RerankService
 from services.gateway.upstreams import UpstreamMiddleware
 
@@ -63,4 +65,5 @@ def install_http_backends(app: FastAPI, state: dict[str, Any], config: GatewayCo
 
     for path in ("/v1/rerank", "/rerank"):
         app.add_api_route(path, rerank, methods=["POST"], tags=["rerank"],
-                          name=f"rerank{path.replace('/', '_')}")
+                          name=f"rerank{path.replace('/', '_')}",
+                          **documented(RerankRequest))

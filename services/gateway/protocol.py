@@ -200,3 +200,97 @@ class CompletionRequest(OpenAIModel):
     regex: str | None = None
 
     _stop_list = field_validator("stop")(ChatCompletionRequest._stop_list.__func__)  # type: ignore[attr-defined]
+
+
+# ---- bodies read field by field by their serving class -------------------------------------
+# These routes parse their bodies themselves (a bad value is a 400 naming it); the models
+# below describe those bodies in the OpenAPI document (services/gateway/openapi.py).
+
+
+class EmbeddingRequest(OpenAIModel):
+    """POST /v1/embeddings."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    dimensions: int | None = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+class TokenizeRequest(OpenAIModel):
+    """POST /v1/tokenize: ``{tokens, count, max_model_len}`` back (lists for a list)."""
+
+    model: str
+    prompt: str | list[str]
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(OpenAIModel):
+    """POST /v1/detokenize: ``{text}`` back."""
+
+    model: str
+    tokens: list[int]
+    skip_special_tokens: bool = False
+
+
+class NativeGenerateRequest(OpenAIModel):
+    """POST /generate, SGLang's native body: exactly one of ``text`` and ``input_ids``."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    model: str | None = Field(None, description="Optional when the router serves one model.")
+    sampling_params: dict[str, Any] | None = None
+    stream: bool = False
+    rid: str | None = None
+
+
+class RerankRequest(OpenAIModel):
+    """POST /v1/rerank (and /rerank): the documents ranked by relevance to the query."""
+
+    model: str
+    query: str
+    documents: list[str | dict[str, str]]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = True
+
+
+class ConversationCreateRequest(OpenAIModel):
+    """POST /v1/conversations."""
+
+    items: list[dict[str, Any]] | None = Field(None, max_length=20)
+    metadata: dict[str, str] | None = None
+
+
+class ConversationUpdateRequest(OpenAIModel):
+    """POST /v1/conversations/{conversation_id}."""
+
+    metadata: dict[str, str]
+
+
+class ConversationItemsRequest(OpenAIModel):
+    """POST /v1/conversations/{conversation_id}/items."""
+
+    items: list[dict[str, Any]] = Field(max_length=20)
+
+
+class WorkerAddRequest(OpenAIModel):
+    """POST /workers: a queued job that registers the worker (202 with the job)."""
+
+    url: str = Field(description="grpc://host:port or http://host:port")
+    worker_type: Literal["regular", "prefill", "decode"] = "regular"
+    model_id: str | None = None
+    bootstrap_port: int | None = None
+    labels: dict[str, str] | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: OpenAI's shape."""
+
+    error: ErrorDetail

@@ -27,12 +27,22 @@ from services.gateway.dashboard import install_dashboard
 from services.gateway.errors import OpenAIError, invalid
 from services.gateway.http_backends import install_http_backends
 from services.gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from services.gateway.openapi import documented, install_openapi
 from services.gateway.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    ConversationCreateRequest,
+    ConversationItemsRequest,
+    ConversationUpdateRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
+    NativeGenerateRequest,
     ResponsesRequest,
+    TokenizeRequest,
+    WorkerAddRequest,
 )
 from services.gateway.serving_admin import AdminService
 from services.gateway.serving_chat import ChatCompletionService, _gather, new_request_id
@@ -288,7 +298,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
                    else str(exc.detail))
         return error_response(OpenAIError(exc.status_code, message), request_id(request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", tags=["chat"],
+              **documented(ChatCompletionRequest, ChatCompletionResponse, stream=True))
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest, max_payload)
         rid = request_id(request)
@@ -303,7 +314,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     # ---- completions, native generate, tokenize, embeddings ------------------------------------
 
-    @app.post("/v1/completions", tags=["completions"])
+    @app.post("/v1/completions", tags=["completions"],
+              **documented(CompletionRequest, stream=True))
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest, max_payload)
         rid = request_id(request)
@@ -315,7 +327,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return EventStreamResponse(frames)
         return JSONResponse(await until_disconnect(request, prompts.complete(body, rid)))
 
-    @app.post("/generate", tags=["sglang"])
+    @app.post("/generate", tags=["sglang"], **documented(NativeGenerateRequest, stream=True))
     async def generate(request: Request) -> Response:
         """SGLang's native generate: {text | input_ids, sampling_params, stream, rid}."""
         body = await read_json(request, max_payload)
@@ -328,19 +340,19 @@ def create_app(config: GatewayConfig) -> FastAPI:
             PromptService.native_result(g) for g in generations))
         return JSONResponse(results if batch else results[0])
 
-    @app.post("/v1/tokenize", tags=["tokenizer"])
+    @app.post("/v1/tokenize", tags=["tokenizer"], **documented(TokenizeRequest))
     async def tokenize(request: Request) -> JSONResponse:
         body = await read_json(request, max_payload)
         prompts: PromptService = state["prompts"]
         return JSONResponse(await prompts.tokenize_endpoint(body, request_id(request)))
 
-    @app.post("/v1/detokenize", tags=["tokenizer"])
+    @app.post("/v1/detokenize", tags=["tokenizer"], **documented(DetokenizeRequest))
     async def detokenize(request: Request) -> JSONResponse:
         body = await read_json(request, max_payload)
         prompts: PromptService = state["prompts"]
         return JSONResponse(await prompts.detokenize_endpoint(body, request_id(request)))
 
-    @app.post("/v1/embeddings", tags=["embeddings"])
+    @app.post("/v1/embeddings", tags=["embeddings"], **documented(EmbeddingRequest))
     async def embeddings(request: Request) -> JSONResponse:
         body = await read_json(request, max_payload)
         prompts: PromptService = state["prompts"]
@@ -349,7 +361,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     # ---- responses ---------------------------------------------------------------------------
 
-    @app.post("/v1/responses", tags=["responses"])
+    @app.post("/v1/responses", tags=["responses"],
+              **documented(ResponsesRequest, stream=True))
     async def create_response(request: Request) -> Response:
         body = await parse_body(request, ResponsesRequest, max_payload)
         responses: ResponsesService = state["responses"]
@@ -390,7 +403,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     # ---- conversations -----------------------------------------------------------------------
 
-    @app.post("/v1/conversations", tags=["conversations"])
+    @app.post("/v1/conversations", tags=["conversations"],
+              **documented(ConversationCreateRequest))
     async def create_conversation(request: Request) -> JSONResponse:
         body = await read_json(request, max_payload)
         conv: ConversationService = state["conversations"]
@@ -402,7 +416,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         conv: ConversationService = state["conversations"]
         return JSONResponse(await conv.get(tenant(request), conversation_id, request_id(request)))
 
-    @app.post("/v1/conversations/{conversation_id}", tags=["conversations"])
+    @app.post("/v1/conversations/{conversation_id}", tags=["conversations"],
+              **documented(ConversationUpdateRequest))
     async def update_conversation(request: Request, conversation_id: str) -> JSONResponse:
         body = await read_json(request, max_payload)
         conv: ConversationService = state["conversations"]
@@ -415,7 +430,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return JSONResponse(await conv.delete(tenant(request), conversation_id,
                                               request_id(request)))
 
-    @app.post("/v1/conversations/{conversation_id}/items", tags=["conversations"])
+    @app.post("/v1/conversations/{conversation_id}/items", tags=["conversations"],
+              **documented(ConversationItemsRequest))
     async def create_conversation_items(request: Request, conversation_id: str) -> JSONResponse:
         body = await read_json(request, max_payload)
         conv: ConversationService = state["conversations"]
@@ -485,7 +501,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def list_workers(model_id: str | None = None) -> JSONResponse:
         return JSONResponse(await state["admin"].list_workers(model_id))
 
-    @app.post("/workers", tags=["admin"])
+    @app.post("/workers", tags=["admin"], **documented(WorkerAddRequest))
     async def add_worker(request: Request) -> JSONResponse:
         body = await read_json(request, max_payload)
         return JSONResponse(await state["admin"].add_worker(body), status_code=202)
@@ -512,4 +528,5 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app)
     return app
