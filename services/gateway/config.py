@@ -53,8 +53,10 @@ class GatewayConfig(ServiceConfig):
                  "--tool-call-parser (by default picked from the model name, json when the "
                  "name is not known).")
     reasoning_parser: str = option(
-        "", help="Reasoning parser (deepseek-r1, qwen3); empty: none. Its output is "
-                 "reasoning_content unless the request sets separate_reasoning=false.")
+        "", help="Reasoning parser (deepseek-r1, qwen3, gpt_oss, ...); empty: the "
+                 "tokenizer's --reasoning-parser (by default gpt_oss for gpt-oss models, none "
+                 "for others). Its output is reasoning_content unless the request sets "
+                 "separate_reasoning=false.")
     retry_after_secs: int = option(1, help="Retry-After sent with 429 and 503 answers.")
     backend: str = option(
         "sglmesh", help="sglmesh: serve models through the router (gRPC and HTTP workers). "

@@ -499,7 +499,9 @@ class ChatCompletionService:
         parser = self.tool_call_parser if tools else ""
         if constraint is not None and constraint[2] == "tool_choice":
             parser = "json"  # the constrained output is a JSON list of calls
-        reasoning_parser = self.reasoning_parser if request.separate_reasoning else ""
+        # "": the tokenizer's default (auto: harmony for gpt-oss); separate_reasoning=false
+        # asks for the raw text, which "passthrough" gives.
+        reasoning_parser = self.reasoning_parser if request.separate_reasoning else "passthrough"
         # The chat is rendered by the tokenizer as it opens the first choice's decode stream
         # (one call, not RenderChat and then DecodeStream); the stream's first answer is the
         # prompt. Other choices (n > 1) open theirs with the same start (rendered again).

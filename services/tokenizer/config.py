@@ -51,9 +51,10 @@ class TokenizerConfig(ServiceConfig):
                      + ", ".join(sorted(TOOL_PARSERS)) + ".",
         metadata={"choices": ["auto", "none", *sorted(TOOL_PARSERS)]})
     reasoning_parser: str = option(
-        "", help="Reasoning parser for requests that name none: empty (none) or one of "
-                 + ", ".join(sorted(REASONING_PARSERS)) + ".",
-        metadata={"choices": ["", *sorted(REASONING_PARSERS)]})
+        "auto", help="Reasoning parser for requests that name none: auto (gpt_oss for gpt-oss "
+                     "models, whose raw output is harmony markup; none for others), empty "
+                     "(none), or one of " + ", ".join(sorted(REASONING_PARSERS)) + ".",
+        metadata={"choices": ["auto", "", *sorted(REASONING_PARSERS)]})
     cache_max_bytes: int = option(
         64 << 20, help="Memory bound (bytes, per model) of the exact-match prompt cache; "
                        "0 disables it.")

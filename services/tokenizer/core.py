@@ -13,6 +13,7 @@ from services.tokenizer.reasoning import (
     PASSTHROUGH,
     REASONING_PARSERS,
     create_reasoning_parser,
+    detect_reasoning_parser,
 )
 from services.tokenizer.registry import (
     LoadedTokenizer,
@@ -37,7 +38,7 @@ class TokenizerCore:
     """Loads tokenizers into a registry and runs the CPU-side operations on them."""
 
     def __init__(self, cache_dir: str | Path, registry: TokenizerRegistry | None = None, *,
-                 tool_call_parser: str = AUTO, reasoning_parser: str = "",
+                 tool_call_parser: str = AUTO, reasoning_parser: str = AUTO,
                  cache_max_bytes: int = 0, cache_max_entries: int = 10000,
                  prefix_cache_max_bytes: int = 0) -> None:
         self.registry = registry or TokenizerRegistry()
@@ -136,6 +137,8 @@ class TokenizerCore:
         """
         tok = self.get(model)
         reasoning_parser = reasoning_parser or self.reasoning_parser
+        if reasoning_parser == AUTO:
+            reasoning_parser = detect_reasoning_parser(model)
         if reasoning_parser and reasoning_parser not in REASONING_PARSERS:
             raise InvalidRequest("reasoning_parser",
                                  f"unknown reasoning parser {reasoning_parser!r}; known: "

@@ -161,6 +161,12 @@ REASONING_PARSERS: dict[str, bool] = {
     **{name: False for name in HARMONY}, PASSTHROUGH: False}
 
 
+def detect_reasoning_parser(model: str) -> str:
+    """For ``auto``: ``gpt_oss`` for gpt-oss models, whose raw output is harmony markup rather
+    than text; "" (none) for every other model, whose raw output reads fine."""
+    return "gpt_oss" if "gpt-oss" in model.lower() else ""
+
+
 def create_reasoning_parser(name: str, reasoning_open: bool = False
                             ) -> ThinkParser | HarmonyReasoningParser:
     """A parser by name; KeyError for an unknown one (``passthrough`` means: none)."""

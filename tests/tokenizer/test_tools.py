@@ -84,6 +84,12 @@ def test_core_validates_tools(tmp_path: Any, tokenizer_dir: Any) -> None:
     assert core.open_stream("smollm2", DecodeOptions(), tools=[WEATHER]).tool_parser == "json"
     spec = core.open_stream("smollm2", DecodeOptions(), reasoning_parser="passthrough")
     assert spec.new_session().reasoning is None
+    # reasoning auto (the default): harmony for gpt-oss, whose raw output is markup; else none
+    assert core.open_stream("smollm2", DecodeOptions()).reasoning_parser == ""
+    core.load_dir("openai/gpt-oss-20b", str(tokenizer_dir))
+    assert core.open_stream("openai/gpt-oss-20b", DecodeOptions()).reasoning_parser == "gpt_oss"
+    assert core.open_stream("openai/gpt-oss-20b", DecodeOptions(),
+                            reasoning_parser="passthrough").new_session().reasoning is None
 
 
 def run(session: DecodeSession, ids: list[int]) -> tuple[str, str, list[dict[str, str]]]:
