@@ -1,4 +1,4 @@
-"""Static checks that keep the tree readable: ruff on everything, mypy on the typed services."""
+"""Static checks that keep the tree readable: ruff on everything hand-written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ruff() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "services", "tests", "scripts"],
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "services", "tests", "scripts",
+                             "benchmarks", "clients/python/src/sglmesh/client.py"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
