@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from sglmesh.history.v1 import history_pb2 as hist_pb
+from sglmesh.history.v1 import history_pb2_grpc as hist_grpc
 from sglmesh.router.v1 import router_admin_pb2 as admin_pb
 from sglmesh.router.v1 import router_admin_pb2_grpc as admin_grpc
 from sglmesh.tokenizer.v1 import tokenizer_pb2 as tok_pb
@@ -243,4 +245,96 @@ class RouterAdminClient(_Client):
         return list(reply.results)
 
 
-__all__ = ["RenderedChat", "RouterAdminClient", "SglmeshError", "TokenizerClient"]
+def message_item(role: str, text: str, **extra: Any) -> hist_pb.Item:
+    """A conversation item: a message with one text part (OpenAI's item shape)."""
+    kind = "output_text" if role == "assistant" else "input_text"
+    return hist_pb.Item(type="message", role=role, data=_struct(
+        {"content": [{"type": kind, "text": text}], **extra}))
+
+
+class HistoryClient(_Client):
+    """``sglmesh.history.v1.HistoryService``: conversations, their items, stored responses.
+    Every call is scoped to ``tenant`` (the gateway uses one per API key)."""
+
+    def __init__(self, target: str | grpc.aio.Channel, tenant: str = "default",
+                 timeout: float | None = 30.0) -> None:
+        super().__init__(target, timeout)
+        self.tenant = tenant
+        self.stub = hist_grpc.HistoryServiceStub(self.channel)
+
+    async def create_conversation(self, items: Sequence[hist_pb.Item] = (),
+                                  metadata: Mapping[str, str] | None = None,
+                                  request_id: str = "") -> hist_pb.Conversation:
+        """``request_id`` makes a retry return the first call's conversation."""
+        reply = await _call(self.stub.CreateConversation(hist_pb.CreateConversationRequest(
+            tenant=self.tenant, metadata=dict(metadata or {}), items=list(items),
+            request_id=request_id), timeout=self.timeout))
+        return reply.conversation
+
+    async def get_conversation(self, conversation_id: str) -> hist_pb.Conversation:
+        reply = await _call(self.stub.GetConversation(hist_pb.GetConversationRequest(
+            tenant=self.tenant, conversation_id=conversation_id), timeout=self.timeout))
+        return reply.conversation
+
+    async def update_metadata(self, conversation_id: str,
+                              metadata: Mapping[str, str]) -> hist_pb.Conversation:
+        reply = await _call(self.stub.UpdateConversation(hist_pb.UpdateConversationRequest(
+            tenant=self.tenant,
+            conversation=hist_pb.Conversation(id=conversation_id, metadata=dict(metadata)),
+            update_mask=field_mask_pb2.FieldMask(paths=["metadata"])), timeout=self.timeout))
+        return reply.conversation
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        await _call(self.stub.DeleteConversation(hist_pb.DeleteConversationRequest(
+            tenant=self.tenant, conversation_id=conversation_id), timeout=self.timeout))
+
+    async def add_items(self, conversation_id: str, items: Sequence[hist_pb.Item],
+                        request_id: str = "") -> list[hist_pb.Item]:
+        reply = await _call(self.stub.CreateConversationItems(
+            hist_pb.CreateConversationItemsRequest(
+                tenant=self.tenant, conversation_id=conversation_id, items=list(items),
+                request_id=request_id), timeout=self.timeout))
+        return list(reply.items)
+
+    async def items(self, conversation_id: str, newest_first: bool = False,
+                    page_size: int = 100) -> AsyncIterator[hist_pb.Item]:
+        """Every item of the conversation, page by page."""
+        token = ""
+        order = hist_pb.SORT_ORDER_DESC if newest_first else hist_pb.SORT_ORDER_ASC
+        while True:
+            reply = await _call(self.stub.ListConversationItems(
+                hist_pb.ListConversationItemsRequest(
+                    tenant=self.tenant, conversation_id=conversation_id, page_size=page_size,
+                    page_token=token, order=order), timeout=self.timeout))
+            for item in reply.items:
+                yield item
+            token = reply.next_page_token
+            if not token:
+                return
+
+    async def delete_item(self, conversation_id: str, item_id: str) -> None:
+        await _call(self.stub.DeleteConversationItem(hist_pb.DeleteConversationItemRequest(
+            tenant=self.tenant, conversation_id=conversation_id, item_id=item_id),
+            timeout=self.timeout))
+
+    async def get_response(self, response_id: str) -> hist_pb.StoredResponse:
+        reply = await _call(self.stub.GetResponse(hist_pb.GetResponseRequest(
+            tenant=self.tenant, response_id=response_id), timeout=self.timeout))
+        return reply.response
+
+    async def response_chain(self, response_id: str, max_depth: int = 0
+                             ) -> list[hist_pb.StoredResponse]:
+        """The response and its ``previous_response_id`` ancestors (``max_depth`` 0: the
+        service's limit)."""
+        reply = await _call(self.stub.GetResponseChain(hist_pb.GetResponseChainRequest(
+            tenant=self.tenant, response_id=response_id, max_depth=max_depth),
+            timeout=self.timeout))
+        return list(reply.responses)
+
+    async def delete_response(self, response_id: str) -> None:
+        await _call(self.stub.DeleteResponse(hist_pb.DeleteResponseRequest(
+            tenant=self.tenant, response_id=response_id), timeout=self.timeout))
+
+
+__all__ = ["HistoryClient", "RenderedChat", "RouterAdminClient", "SglmeshError",
+           "TokenizerClient", "message_item"]
