@@ -983,6 +983,8 @@ class TaggedArgumentsToolParser(ToolParser):
     CALL_START = CALL_END = ""
     # Closes the call's wrapper after CALL_END when present (optional at EOS).
     CALL_TRAILER = ""
+    # Special tokens around a run of calls (a section's begin and end): framing, not content.
+    FRAMING: tuple[str, ...] = ()
     MAX_HEADER = 512
 
     def __init__(self, tools: Iterable[str] | None = None,
@@ -1018,8 +1020,12 @@ class TaggedArgumentsToolParser(ToolParser):
     def _scan_calls(self, out: _Emitter, final: bool) -> None:
         while True:
             if self.state in ("start", "text"):
-                if self._text_until((self.CALL_START,), out, final) is None:
+                found = self._text_until((self.CALL_START, *self.FRAMING), out, final)
+                if found is None:
                     return
+                if found != self.CALL_START:
+                    self._buf = self._buf[len(found):]
+                    continue
                 self.state = "header"
             elif self.state == "trailer":
                 i = _skip_ws(self._buf, 0)
@@ -1195,6 +1201,41 @@ class GptOssToolParser(ToolParser):
                 out.text(event.text)
 
 
+class Step3ToolParser(TaggedArgumentsToolParser):
+    """``step3`` (StepFun Step-3): ``<｜tool_calls_begin｜><｜tool_call_begin｜>function
+    <｜tool_sep｜><steptml:invoke name="NAME"><steptml:parameter name="KEY">VALUE
+    </steptml:parameter></steptml:invoke><｜tool_call_end｜><｜tool_calls_end｜>``."""
+
+    name = "step3"
+    CALL_START, CALL_END = "<｜tool_call_begin｜>", "</steptml:invoke>"
+    CALL_TRAILER = "<｜tool_call_end｜>"
+    FRAMING = ("<｜tool_calls_begin｜>", "<｜tool_calls_end｜>")
+    markers = (*FRAMING, CALL_START, CALL_TRAILER, "<｜tool_sep｜>")
+    INVOKE, PARAMETER, PARAMETER_END = ('<steptml:invoke name="', '<steptml:parameter name="',
+                                        "</steptml:parameter>")
+
+    def _name(self, buf: str, final: bool) -> tuple[str, int] | None:
+        start = buf.find(self.INVOKE)
+        end = buf.find('">', start + len(self.INVOKE)) if start >= 0 else -1
+        if end < 0:
+            if final:
+                raise _Invalid("no <steptml:invoke name=...>")
+            return None
+        if buf[:start].strip() not in ("", "function<｜tool_sep｜>"):
+            raise _Invalid("unexpected call header")
+        return buf[start + len(self.INVOKE):end], end + 2
+
+    def _argument(self, buf: str, final: bool) -> tuple[str, str, int] | None:
+        found = _tagged(buf, self.PARAMETER, self.PARAMETER_END, final)
+        if found is None:
+            return None
+        body, length = found
+        key, sep, value = body.partition('">')
+        if not sep or not key.strip():
+            raise _Invalid("bad <steptml:parameter name=...>")
+        return key.strip(), value, length
+
+
 # name -> parser class; aliases as SGLang / SMG spell them.
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "json": JsonToolParser,
@@ -1224,6 +1265,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "glm4_moe": Glm45ToolParser,
     "glm45_moe": Glm45ToolParser,
     "glm47_moe": Glm45ToolParser,
+    "step3": Step3ToolParser,
     "gpt_oss": GptOssToolParser,
     "gpt-oss": GptOssToolParser,
 }
@@ -1248,6 +1290,8 @@ MODEL_PATTERNS: list[tuple[str, str]] = [
     ("*glm-4.6*", "glm45"),
     ("*glm-4.7*", "glm45"),
     ("*gpt-oss*", "gpt_oss"),
+    ("*step3*", "step3"),
+    ("*step-3*", "step3"),
 ]
 
 

@@ -337,6 +337,30 @@ def test_glm45_broken_markup_is_content() -> None:
     check("glm45", text, "<arg_value>x</arg_value></tool_call> after", [("get_time", {})])
 
 
+def test_step3_section_and_typed_arguments() -> None:
+    text = ("Let me check.<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜>"
+            '<steptml:invoke name="get_weather"><steptml:parameter name="city">Paris'
+            '</steptml:parameter><steptml:parameter name="days">2</steptml:parameter>'
+            "</steptml:invoke><｜tool_call_end｜><｜tool_call_begin｜>function<｜tool_sep｜>"
+            '<steptml:invoke name="get_time"><steptml:parameter name="timezone">Europe/Paris'
+            "</steptml:parameter></steptml:invoke><｜tool_call_end｜><｜tool_calls_end｜>")
+    check("step3", text, "Let me check.", [("get_weather", {"city": "Paris", "days": 2}), TIME],
+          parameters=SCHEMAS)
+    # with the newlines Step-3 writes between the elements
+    spaced = ("Let me help you.\n<｜tool_calls_begin｜>\n<｜tool_call_begin｜>function<｜tool_sep｜>"
+              '<steptml:invoke name="search">\n<steptml:parameter name="query">rust'
+              '</steptml:parameter>\n<steptml:parameter name="limit">10</steptml:parameter>\n'
+              "</steptml:invoke><｜tool_call_end｜>\n<｜tool_calls_end｜>\nHere are the results.")
+    content, calls = parse_tool_calls("step3", spaced, TOOLS, SCHEMAS)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("search", {"query": "rust", "limit": 10})]
+    assert content.split() == ["Let", "me", "help", "you.", "Here", "are", "the", "results."]
+    # an unknown tool: the call's markup stays content
+    bad = ('<｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke name="rm">'
+           "</steptml:invoke><｜tool_call_end｜>")
+    check("step3", bad, bad, [])
+
+
 def test_gpt_oss_harmony_calls() -> None:
     # as the gpt_oss reasoning parser passes a call on
     text = ('<|channel|>commentary to=functions.get_weather<|message|>{"city": "Paris", '
@@ -399,6 +423,7 @@ def test_registry_and_detection() -> None:
     assert detect_tool_parser("zai-org/GLM-4.5-Air") == "glm45"
     assert detect_tool_parser("zai-org/GLM-4.7") == "glm45"
     assert detect_tool_parser("openai/gpt-oss-20b") == "gpt_oss"
+    assert detect_tool_parser("stepfun-ai/step3") == "step3"
     assert detect_tool_parser("SmolLM2-135M-Instruct") == ""
     with pytest.raises(KeyError):
         create_tool_parser("nope")
@@ -412,14 +437,17 @@ _FRAGMENTS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "
               "<function=get_time>", "<parameter=a>", "</parameter>", "</function>",
               "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "get_time\n",
               "<|channel|>", "<|message|>", "<|call|>", "<|end|>", "<|start|>assistant",
-              "commentary to=functions.get_time ", "analysis"]
+              "commentary to=functions.get_time ", "analysis", "<｜tool_calls_begin｜>",
+              "<｜tool_call_begin｜>function<｜tool_sep｜>", '<steptml:invoke name="get_time">',
+              '<steptml:parameter name="a">', "</steptml:parameter>", "</steptml:invoke>",
+              "<｜tool_call_end｜>", "<｜tool_calls_end｜>"]
 
 
 @settings(max_examples=40, deadline=None)
 @given(parts=st.lists(st.sampled_from(_FRAGMENTS), max_size=14), seed=st.integers(0, 10**6))
 @pytest.mark.parametrize("name", ["json", "hermes", "llama3", "mistral", "pythonic",
                                   "deepseekv3", "deepseekv31", "kimi_k2", "qwen3_coder",
-                                  "glm45", "gpt_oss"])
+                                  "glm45", "gpt_oss", "step3"])
 def test_any_text_streams_like_whole(name: str, parts: list[str], seed: int) -> None:
     """Arbitrary text: chunking never changes the result, and no text is lost."""
     text = "".join(parts)
@@ -432,6 +460,8 @@ def test_any_text_streams_like_whole(name: str, parts: list[str], seed: int) -> 
         assert content == whole_content
         assert [(c["name"], c["arguments"]) for c in calls] == \
             [(c.name, c.arguments) for c in whole_calls]
-    # (harmony's framing of complete messages is not content)
-    if not whole_calls and (name != "gpt_oss" or "<|message|>" not in text):
+    # (harmony's framing of complete messages and step3's section markers are not content)
+    framing = {"gpt_oss": ("<|message|>",), "step3": ("<｜tool_calls_begin｜>",
+                                                      "<｜tool_calls_end｜>")}
+    if not whole_calls and not any(m in text for m in framing.get(name, ())):
         assert whole_content == text
