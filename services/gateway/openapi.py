@@ -32,8 +32,7 @@ _BODIES: dict[str, type[BaseModel]] = {}
 
 
 def documented(body: type[BaseModel] | None = None, answer: type[BaseModel] | None = None,
-               stream: bool = False, errors: tuple[int, ...] = (400, 401, 404, 413, 429, 503)
-               ) -> dict[str, Any]:
+               stream: bool = False) -> dict[str, Any]:
     """Keyword arguments for ``@app.post(...)`` and friends."""
     ok: dict[str, Any] = {"description": "The answer" + (
         "; with `stream: true`, server-sent events." if stream else ".")}
@@ -42,7 +41,7 @@ def documented(body: type[BaseModel] | None = None, answer: type[BaseModel] | No
     if stream:
         ok["content"] = _SSE
     out: dict[str, Any] = {"responses": {
-        200: ok, **{s: {"model": ErrorResponse, "description": _ERRORS[s]} for s in errors}}}
+        200: ok, **{s: {"model": ErrorResponse, "description": d} for s, d in _ERRORS.items()}}}
     if body is not None:
         out["openapi_extra"] = {
             "requestBody": {"required": True, "content": {"application/json": {

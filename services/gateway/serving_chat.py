@@ -47,8 +47,6 @@ TARGET_WORKER_KEY = "x-sglmesh-target-worker"
 # /v1/completions sends; a chat's rendered start lets the tokenizer keep the same tail itself).
 PROMPT_CONTEXT_TOKENS = 8
 
-# Model-name globs -> tool-call parser (the tokenizer's names), first match wins; "json" when
-# none matches (a model prompted with tools answers with a JSON call object).
 # A worker's INVALID_ARGUMENT field -> the request parameter it came from.
 _WORKER_FIELDS = {
     "return_logprob": "logprobs",

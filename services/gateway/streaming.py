@@ -3,8 +3,8 @@ router relays an Abort to the worker).
 
 Both helpers run the work in the request's own task and start one watcher task that waits for
 ``http.disconnect`` and cancels it. Starlette's ``StreamingResponse`` does the same with an anyio
-task group and cancel scopes per response, which costs more than the rest of a streamed chunk's
-relay (measured: docs/overhead.md).
+task group and cancel scopes per response, several per cent of a streamed request's CPU
+(docs/overhead.md).
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ class TokenizerCore:
         if bad:
             raise InvalidRequest("prompt_token_ids", f"token id {bad[0]} is out of range "
                                  f"(vocab size {tok.vocab_size})")
-        parameters = {t["function"]["name"]: t["function"].get("parameters")
-                      for t in tools or () if parser_name}
+        parameters = ({t["function"]["name"]: t["function"].get("parameters") for t in tools or ()}
+                      if parser_name else {})
         return DecodeStreamSpec(tok, options, reasoning_parser, reasoning_open, parser_name,
                                 tool_names, parameters)
 

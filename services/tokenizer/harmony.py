@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.tokenizer.markup import partial_marker
+
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
-ENDS = ("<|end|>", "<|call|>", "<|return|>")
+CALL = "<|call|>"  # ends a message that is a tool call
+ENDS = ("<|end|>", CALL, "<|return|>")
 # The special tokens the parsers must see in the decoded text.
 MARKERS = (START, CHANNEL, MESSAGE, CONSTRAIN, *ENDS)
 _OPENERS = (START, CHANNEL)
@@ -47,15 +50,6 @@ def _word_after(header: str, key: str) -> str:
         if 0 <= found < end:
             end = found
     return rest[:end]
-
-
-def _held(buf: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``buf`` that could still become one of ``markers``."""
-    for k in range(min(len(buf), max(len(m) for m in markers) - 1), 0, -1):
-        tail = buf[-k:]
-        if any(m.startswith(tail) for m in markers):
-            return k
-    return 0
 
 
 class HarmonySplitter:
@@ -88,7 +82,7 @@ class HarmonySplitter:
                     self._ws_before_header, self._ws = self._ws, ""
                     self._buf, self.state = self._buf[first:], "header"
                     continue
-                hold = 0 if final else _held(self._buf, _OPENERS)
+                hold = 0 if final else partial_marker(self._buf, _OPENERS)
                 self._text(self._buf[:len(self._buf) - hold], events)
                 self._buf = self._buf[len(self._buf) - hold:]
                 if final:
@@ -119,7 +113,7 @@ class HarmonySplitter:
                 events.append(HarmonyEvent("close", marker))
                 self._buf, self.state = self._buf[pos + len(marker):], "between"
                 continue
-            hold = 0 if final else _held(self._buf, ENDS)
+            hold = 0 if final else partial_marker(self._buf, ENDS)
             if len(self._buf) > hold:
                 events.append(HarmonyEvent("body", self._buf[:len(self._buf) - hold]))
                 self._buf = self._buf[len(self._buf) - hold:]

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.tokenizer.harmony import CHANNEL, MARKERS, MESSAGE, HarmonySplitter, call_name
+from services.tokenizer.harmony import CALL, CHANNEL, MARKERS, MESSAGE, HarmonySplitter, call_name
+from services.tokenizer.markup import partial_marker
 
 
 @dataclass
 class ReasoningDelta:
     reasoning: str = ""
     text: str = ""
-
-
-def _partial_suffix(buf: str, token: str) -> int:
-    """Length of the longest suffix of ``buf`` that is a proper prefix of ``token``."""
-    for k in range(min(len(buf), len(token) - 1), 0, -1):
-        if token.startswith(buf[-k:]):
-            return k
-    return 0
 
 
 class ThinkParser:
@@ -29,6 +22,8 @@ class ThinkParser:
     before any content; the end tag switches to content, and whitespace right after it is
     dropped.
     """
+
+    markers: tuple[str, ...] = ()  # no special tokens of its own to keep in the text
 
     def __init__(self, start: str = "<think>", end: str = "</think>",
                  in_reasoning: bool = False) -> None:
@@ -61,7 +56,7 @@ class ThinkParser:
                     self._seen_content = True  # no second block after the first
                     self._strip_leading = True
                     continue
-                hold = _partial_suffix(self._buf, self.end)
+                hold = partial_marker(self._buf, (self.end,))
                 out.reasoning += self._buf[:len(self._buf) - hold]
                 self._buf = self._buf[len(self._buf) - hold:]
                 break
@@ -122,7 +117,7 @@ class HarmonyReasoningParser:
                     out.text += event.text
             elif event.kind == "close":
                 if self._mode == "call":
-                    out.text += "<|call|>"
+                    out.text += CALL
                 self._mode = "text"
             else:
                 out.text += event.text
@@ -154,8 +149,8 @@ REASONING_SPECS: dict[str, ReasoningSpec] = {
     "deepseek_v31": _QWEN3,
 }
 PASSTHROUGH = "passthrough"
-# name -> whether the generation starts inside the reasoning block by default.
 HARMONY = ("gpt_oss", "gpt-oss")
+# name -> whether the generation starts inside the reasoning block by default.
 REASONING_PARSERS: dict[str, bool] = {
     **{name: spec.in_reasoning for name, spec in REASONING_SPECS.items()},
     **{name: False for name in HARMONY}, PASSTHROUGH: False}

@@ -42,7 +42,7 @@ class DecodeSession:
         self._drop: frozenset[int] = frozenset()
         # The parsers' marker tokens (tool-call tags, harmony's message framing) stay in the
         # text while every other special token is still skipped.
-        markers = (*getattr(reasoning, "markers", ()), *(tools.markers if tools else ()))
+        markers = (*(reasoning.markers if reasoning else ()), *(tools.markers if tools else ()))
         if markers and skip and special_token_ids:
             keep = {special_token_ids[m] for m in markers if m in special_token_ids}
             if keep:

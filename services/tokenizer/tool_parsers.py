@@ -27,6 +27,7 @@ from typing import Any
 
 from services.tokenizer.harmony import MARKERS as HARMONY_MARKERS
 from services.tokenizer.harmony import HarmonySplitter, call_name
+from services.tokenizer.markup import partial_marker
 
 _WS = " \t\r\n"
 
@@ -68,17 +69,6 @@ def _skip_ws(s: str, i: int) -> int:
     while i < n and s[i] in _WS:
         i += 1
     return i
-
-
-def _partial_prefix(buf: str, markers: Iterable[str]) -> int:
-    """Length of the longest suffix of ``buf`` that is a proper prefix of a marker."""
-    best = 0
-    for marker in markers:
-        for k in range(min(len(buf), len(marker) - 1), best, -1):
-            if marker.startswith(buf[-k:]):
-                best = k
-                break
-    return best
 
 
 _PRIMITIVE_CHARS = set("-+.0123456789eEtruefalsn")
@@ -428,7 +418,7 @@ class ToolParser:
             out.text(self._buf[:best])
             self._buf = self._buf[best:]
             return found
-        hold = 0 if final else _partial_prefix(self._buf, markers)
+        hold = 0 if final else partial_marker(self._buf, markers)
         out.text(self._buf[:len(self._buf) - hold])
         self._buf = self._buf[len(self._buf) - hold:]
         return None
@@ -668,7 +658,7 @@ class MistralToolParser(ToolParser):
                 pos = self._buf.find(self.ARGS, self._pos)
                 if pos < 0:
                     tail = self._buf[self._pos:]
-                    body = tail[:len(tail) - _partial_prefix(tail, (self.ARGS,))]
+                    body = tail[:len(tail) - partial_marker(tail, (self.ARGS,))]
                     if final or len(body) > 256 or not all(
                             ch.isalnum() or ch in "_.-" for ch in body):
                         raise _Invalid("no [ARGS] after the name")
@@ -900,7 +890,7 @@ class SectionToolParser(ToolParser):
                     out.args(self._buf.rstrip(_WS))  # cut off: the call keeps what came
                     self._buf = ""
                     return
-                body = self._buf[:len(self._buf) - _partial_prefix(self._buf, (self.ARGS_END,))]
+                body = self._buf[:len(self._buf) - partial_marker(self._buf, (self.ARGS_END,))]
                 emit = body.rstrip(_WS)  # trailing whitespace may precede the end marker
                 out.args(emit)
                 self._buf = self._buf[len(emit):]
@@ -972,7 +962,8 @@ def typed_argument(raw: str, schema: Any) -> Any:
 class TaggedArgumentsToolParser(ToolParser):
     """Calls whose arguments are one tagged element per argument, the value as bare text:
     ``CALL_START header ARG... CALL_END``. Subclasses say how the header names the function
-    (``_name``) and how one argument reads (``_argument``).
+    (``_name``) and how one argument reads: the tags of ``PARAMETER key KEY_END value
+    PARAMETER_END``, or their own ``_argument``.
 
     The name goes out as soon as it is read; each argument goes out when its closing tag has
     arrived, as the next fragment of a JSON object (``{"a": 1``, ``, "b": "x"``, ``}``), so the
@@ -985,6 +976,8 @@ class TaggedArgumentsToolParser(ToolParser):
     CALL_TRAILER = ""
     # Special tokens around a run of calls (a section's begin and end): framing, not content.
     FRAMING: tuple[str, ...] = ()
+    # The default argument shape: PARAMETER key KEY_END value PARAMETER_END.
+    PARAMETER = KEY_END = PARAMETER_END = ""
     MAX_HEADER = 512
 
     def __init__(self, tools: Iterable[str] | None = None,
@@ -1000,7 +993,18 @@ class TaggedArgumentsToolParser(ToolParser):
     def _argument(self, buf: str, final: bool) -> tuple[str, str, int] | None:
         """(key, raw value, length) of the argument at ``buf[0]``; None: more input needed.
         Raises _Invalid when ``buf`` cannot start an argument."""
-        raise NotImplementedError
+        found = _tagged(buf, self.PARAMETER, self.PARAMETER_END, final)
+        if found is None:
+            return None
+        body, length = found
+        key, sep, value = body.partition(self.KEY_END)
+        if not sep or not key.strip():
+            raise _Invalid(f"bad {self.PARAMETER}...")
+        return key.strip(), self._value(value), length
+
+    def _value(self, raw: str) -> str:
+        """An argument's text as written, less the format's framing around it."""
+        return raw
 
     def _close_arguments(self, out: _Emitter) -> None:
         out.args("}" if self._arguments_open else "{}")
@@ -1093,7 +1097,8 @@ class Qwen3CoderToolParser(TaggedArgumentsToolParser):
     name = "qwen3_coder"
     CALL_START, CALL_END, CALL_TRAILER = "<tool_call>", "</function>", "</tool_call>"
     markers = ("<tool_call>", "</tool_call>")
-    FUNCTION, PARAMETER, PARAMETER_END = "<function=", "<parameter=", "</parameter>"
+    FUNCTION = "<function="
+    PARAMETER, KEY_END, PARAMETER_END = "<parameter=", ">", "</parameter>"
 
     def _name(self, buf: str, final: bool) -> tuple[str, int] | None:
         i = _skip_ws(buf, 0)
@@ -1107,17 +1112,9 @@ class Qwen3CoderToolParser(TaggedArgumentsToolParser):
             return None
         return rest[len(self.FUNCTION):end], i + end + 1
 
-    def _argument(self, buf: str, final: bool) -> tuple[str, str, int] | None:
-        found = _tagged(buf, self.PARAMETER, self.PARAMETER_END, final)
-        if found is None:
-            return None
-        body, length = found
-        key, sep, value = body.partition(">")
-        if not sep or not key.strip():
-            raise _Invalid("bad <parameter=...>")
+    def _value(self, raw: str) -> str:
         # The template puts the value on its own lines: one newline each side is framing.
-        value = value.removeprefix("\n").removesuffix("\n")
-        return key.strip(), value, length
+        return raw.removeprefix("\n").removesuffix("\n")
 
 
 class Glm45ToolParser(TaggedArgumentsToolParser):
@@ -1211,8 +1208,9 @@ class Step3ToolParser(TaggedArgumentsToolParser):
     CALL_TRAILER = "<｜tool_call_end｜>"
     FRAMING = ("<｜tool_calls_begin｜>", "<｜tool_calls_end｜>")
     markers = (*FRAMING, CALL_START, CALL_TRAILER, "<｜tool_sep｜>")
-    INVOKE, PARAMETER, PARAMETER_END = ('<steptml:invoke name="', '<steptml:parameter name="',
-                                        "</steptml:parameter>")
+    INVOKE = '<steptml:invoke name="'
+    PARAMETER, KEY_END, PARAMETER_END = ('<steptml:parameter name="', '">',
+                                         "</steptml:parameter>")
 
     def _name(self, buf: str, final: bool) -> tuple[str, int] | None:
         start = buf.find(self.INVOKE)
@@ -1224,16 +1222,6 @@ class Step3ToolParser(TaggedArgumentsToolParser):
         if buf[:start].strip() not in ("", "function<｜tool_sep｜>"):
             raise _Invalid("unexpected call header")
         return buf[start + len(self.INVOKE):end], end + 2
-
-    def _argument(self, buf: str, final: bool) -> tuple[str, str, int] | None:
-        found = _tagged(buf, self.PARAMETER, self.PARAMETER_END, final)
-        if found is None:
-            return None
-        body, length = found
-        key, sep, value = body.partition('">')
-        if not sep or not key.strip():
-            raise _Invalid("bad <steptml:parameter name=...>")
-        return key.strip(), value, length
 
 
 # name -> parser class; aliases as SGLang / SMG spell them.

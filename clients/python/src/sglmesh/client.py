@@ -105,6 +105,7 @@ class _Client:
 
 
 def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    # (services.common.structs is the suite's faster one; this package installs without it)
     out = struct_pb2.Struct()
     out.update(dict(value))
     return out
