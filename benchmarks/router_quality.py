@@ -17,7 +17,8 @@ outputs are a function of the prompt, so histories match too).
 Arms:
 
 * sglmesh: round_robin, power_of_two, cache_aware_approx (KV events ignored),
-  cache_aware_precise: ``python -m services.router`` processes (like SMG, their own process;
+  cache_aware_precise (and cache_aware_precise_pressure: the same with
+  ``--kv-pressure-window-secs 5``): ``python -m services.router`` processes (like SMG, their own process;
   the client calls their gRPC front door, ``SglangScheduler.Generate`` with the token ids), or
   with ``--router-placement inproc`` Router objects in this process; the two cache_aware arms
   again with ``--replicas`` routers (each request to a random replica, as behind a load
@@ -69,7 +70,12 @@ from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine_api import EngineOutput, SamplingOptions  # noqa: E402
 from services.worker.sim_server import SimWorker, build_sim_worker  # noqa: E402
 
-SGLMESH_ARMS = ("round_robin", "power_of_two", "cache_aware_approx", "cache_aware_precise")
+SGLMESH_ARMS = ("round_robin", "power_of_two", "cache_aware_approx", "cache_aware_precise",
+                "cache_aware_precise_pressure")
+PRESSURE_WINDOW_SECS = 5.0
+# Router flags per arm beyond --policy (the pressure arm turns the cache-pressure moves on).
+SGLMESH_ARM_FLAGS = {"cache_aware_precise_pressure": [
+    "--kv-pressure-window-secs", str(PRESSURE_WINDOW_SECS)]}
 SMG_ARMS = {"smg": [], "smg_warmup_off": ["--worker-warmup-secs", "0"]}
 ARMS = (*SGLMESH_ARMS, *SMG_ARMS)
 
@@ -162,6 +168,9 @@ async def start_routers(arm: str, urls: list[str], replicas: int) -> list[Router
     for _ in range(replicas):
         config = RouterConfig(worker_urls=urls, policy=policy,
                               disable_kv_events=(arm == "cache_aware_approx"),
+                              kv_pressure_window_secs=(
+                                  PRESSURE_WINDOW_SECS if arm == "cache_aware_precise_pressure"
+                                  else 0.0),
                               health_check_interval_secs=3600, disable_load_monitoring=True,
                               health_success_threshold=1)
         router = Router(config)
@@ -173,7 +182,7 @@ async def start_routers(arm: str, urls: list[str], replicas: int) -> list[Router
         if time.monotonic() > deadline:
             raise TimeoutError("workers did not register")
         await asyncio.sleep(0.05)
-    if arm == "cache_aware_precise":
+    if arm.startswith("cache_aware_precise"):
         while any(not all(idx.is_live(u) for u in urls)
                   for r in routers for idx in r.kv_indexes.values()) or \
                 any(not r.kv_indexes for r in routers):
@@ -204,7 +213,7 @@ async def front_door(arm: str, replicas: int, urls: list[str], args: argparse.Na
     policy = "cache_aware" if arm.startswith("cache_aware") else arm
     if args.router_placement == "process":
         async with run_routers(policy, urls, replicas, arm != "cache_aware_approx",
-                               args.seed + 1) as procs:
+                               args.seed + 1, SGLMESH_ARM_FLAGS.get(arm, [])) as procs:
             async def send_proc(request_id: str, prompt: list[int]) -> tuple[float, list[int]]:
                 return await procs.generate(request_id, prompt, args.output_tokens)
 

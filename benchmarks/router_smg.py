@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,7 +182,7 @@ class SglmeshRouters:
     """``replicas`` router processes over the same workers; ``generate`` picks one at random."""
 
     def __init__(self, policy: str, worker_urls: list[str], replicas: int, precise: bool,
-                 rng_seed: int) -> None:
+                 rng_seed: int, extra_args: Sequence[str] = ()) -> None:
         import random
 
         self.policy = policy
@@ -200,7 +200,7 @@ class SglmeshRouters:
                    "--worker-urls", *worker_urls, "--policy", policy,
                    "--health-check-interval-secs", "3600", "--disable-load-monitoring",
                    "--health-success-threshold", "1", "--log-level", "warning",
-                   *([] if precise else ["--disable-kv-events"])]
+                   *([] if precise else ["--disable-kv-events"]), *extra_args]
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         cwd=REPO, start_new_session=True)
@@ -277,8 +277,9 @@ class SglmeshRouters:
 
 @contextlib.asynccontextmanager
 async def run_routers(policy: str, worker_urls: list[str], replicas: int, precise: bool,
-                      rng_seed: int) -> AsyncIterator[SglmeshRouters]:
-    routers = SglmeshRouters(policy, worker_urls, replicas, precise, rng_seed)
+                      rng_seed: int, extra_args: Sequence[str] = ()
+                      ) -> AsyncIterator[SglmeshRouters]:
+    routers = SglmeshRouters(policy, worker_urls, replicas, precise, rng_seed, extra_args)
     try:
         await routers.wait_ready()
         yield routers

@@ -109,6 +109,11 @@ class RouterConfig(ServiceConfig):
         2000.0, help="cache_aware precise: how long a dispatched prompt counts as cached on its "
                      "worker before the worker's KV event reports it (0 disables; SMG's flag, "
                      "whose default is 0).")
+    kv_pressure_window_secs: float = option(
+        0.0, help="cache_aware precise: a worker whose KV events reported an eviction within "
+                  "this many seconds is under cache pressure; a request that only shares a "
+                  "popular prefix with it goes to a worker with room instead (0, the default: "
+                  "off; see docs/routing.md for when it pays).")
     eviction_interval_secs: float = option(
         60.0, help="cache_aware: seconds between radix-tree evictions.")
     prefix_token_count: int = option(256, help="prefix_hash: leading tokens hashed.")
@@ -230,6 +235,8 @@ class RouterConfig(ServiceConfig):
             raise ValueError("--max-tree-size must be >= 1")
         if self.eviction_interval_secs <= 0:
             raise ValueError("--eviction-interval-secs must be positive")
+        if self.kv_pressure_window_secs < 0:
+            raise ValueError("--kv-pressure-window-secs must be >= 0 (0: off)")
         if self.prefix_token_count < 1:
             raise ValueError("--prefix-token-count must be >= 1")
         if self.lease_timeout_secs <= 0:
@@ -247,7 +254,8 @@ class RouterConfig(ServiceConfig):
             prefix_hash_load_factor=self.prefix_hash_load_factor,
             prefix_hash_balance_abs_threshold=self.prefix_hash_balance_abs_threshold,
             max_idle_secs=self.max_idle_secs,
-            selection_accounting_ttl_ms=self.selection_accounting_ttl_ms)
+            selection_accounting_ttl_ms=self.selection_accounting_ttl_ms,
+            kv_pressure_window_secs=self.kv_pressure_window_secs)
 
     @property
     def retry(self) -> RetryConfig:

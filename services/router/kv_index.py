@@ -18,8 +18,9 @@ same events hold the same blocks for the same workers, so they make the same cho
 from __future__ import annotations
 
 import enum
+import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,13 +64,16 @@ class _WorkerBlocks:
     extra: dict[int, int] = field(default_factory=dict)  # chain hash -> duplicates beyond one
     held: int = 0  # distinct chain hashes held
     unplaced: int = 0  # stored blocks whose parent was unknown
+    evicted_at: float | None = None  # clock() of the last removal event (an eviction)
 
 
 class KvIndex:
     """Block index of one model: chain hash -> bitmask of the workers holding the block."""
 
-    def __init__(self, block_size: int = 0) -> None:
+    def __init__(self, block_size: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.block_size = block_size  # learned from the first stored block when 0
+        self._clock = clock
         self._holders: dict[int, int] = {}
         self._workers: dict[str, _WorkerBlocks] = {}
         self._free_bits: list[int] = []
@@ -134,6 +138,13 @@ class KvIndex:
     def workers(self) -> list[str]:
         return sorted(self._workers)
 
+    def evicted_within(self, url: str, seconds: float) -> bool:
+        """Whether ``url`` reported removed blocks in the last ``seconds``: an engine's radix
+        cache removes blocks only to make room, so its cache is full."""
+        state = self._workers.get(url)
+        return (state is not None and state.evicted_at is not None
+                and self._clock() - state.evicted_at <= seconds)
+
     def _hold(self, state: _WorkerBlocks, chash: int) -> None:
         mask = self._holders.get(chash, 0)
         if mask & state.bit:
@@ -176,6 +187,8 @@ class KvIndex:
                 chash = state.by_engine_hash.pop(engine_hash, None)
                 if chash is not None:
                     self._unhold(state, chash)
+            if event.removed.block_hashes:
+                state.evicted_at = self._clock()
         elif kind == "cleared":
             self._clear_blocks(state)
 

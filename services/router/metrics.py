@@ -116,6 +116,10 @@ class RouterCollector(Collector):
         spills = CounterMetricFamily("sglmesh_cache_aware_spills",
                                      "cache_aware choices moved to the least-loaded worker.",
                                      labels=["model", "leg"])
+        pressure_moves = CounterMetricFamily(
+            "sglmesh_cache_aware_pressure_moves",
+            "cache_aware hits on a shared prefix moved off a worker that is evicting.",
+            labels=["model", "leg"])
         for (model, leg), policy in router.policies().items():
             if isinstance(policy, CacheAwarePolicy):
                 labels = [model, leg.value]
@@ -124,7 +128,8 @@ class RouterCollector(Collector):
                 hits.add_metric(labels, policy.stats.hits)
                 misses.add_metric(labels, policy.stats.misses)
                 spills.add_metric(labels, policy.stats.spills)
-        yield from (tree_tokens, tree_tenants, hits, misses, spills)
+                pressure_moves.add_metric(labels, policy.stats.pressure_moves)
+        yield from (tree_tokens, tree_tenants, hits, misses, spills, pressure_moves)
 
         blocks = GaugeMetricFamily("sglmesh_kv_index_blocks",
                                    "Distinct blocks in the KV-event index.", labels=["model"])

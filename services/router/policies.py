@@ -18,7 +18,7 @@ import math
 import random
 import time
 from array import array
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -59,6 +59,7 @@ class PolicyConfig:
     prefix_hash_balance_abs_threshold: float = 10
     max_idle_secs: float = 4 * 3600.0
     selection_accounting_ttl_ms: float = 2000.0
+    kv_pressure_window_secs: float = 0.0
 
 
 class LoadBalancingPolicy(Protocol):
@@ -291,6 +292,7 @@ class CacheAwareStats:
     hits: int = 0
     misses: int = 0
     spills: int = 0
+    pressure_moves: int = 0
 
 
 class DispatchBookings:
@@ -363,6 +365,26 @@ class DispatchBookings:
         self._per_worker.pop(url, None)
 
 
+class SharedPrefixes:
+    """How many requests' cached prefix ended at a given block (bounded, least recent out).
+
+    A prefix that many requests stop at is a shared one (a system prompt, a few-shot block);
+    a conversation's own history is where only that conversation's next turn stops."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._counts: OrderedDict[int, int] = OrderedDict()
+
+    def note(self, chain_hash: int) -> int:
+        """Counts one more request ending at ``chain_hash``; returns the count so far."""
+        counts = self._counts
+        count = counts.pop(chain_hash, 0) + 1
+        counts[chain_hash] = count
+        if len(counts) > self.capacity:
+            counts.popitem(last=False)
+        return count
+
+
 class CacheAwarePolicy(PolicyBase):
     """SMG's cache_aware.
 
@@ -383,7 +405,9 @@ class CacheAwarePolicy(PolicyBase):
     ``cache_threshold`` of the prompt counts as a miss -> least loaded (SMG applies no threshold
     here, and then routes every prompt by its shared chat-template opening); the same spill
     gate applies. Workers without events (UNIMPLEMENTED) keep using the
-    approximate tree.
+    approximate tree. Cache pressure (:meth:`_relieve_pressure`, opt-in): a hit on a *shared*
+    prefix whose worker is evicting goes to a worker with room instead, so a hot prefix is copied
+    out before its worker's evictions start costing the conversations that live there.
 
     Load is :attr:`Worker.load` (this router's in-flight requests, or the worker's own pushed
     count when higher). A miss among equally loaded workers goes to the emptiest cache, then by
@@ -404,6 +428,7 @@ class CacheAwarePolicy(PolicyBase):
         self._clock = clock
         self.bookings = DispatchBookings(config.selection_accounting_ttl_ms / 1000.0
                                          if config else 2.0, clock)
+        self.shared_prefixes = SharedPrefixes()
 
     def select_worker(self, workers: Sequence[Worker], info: SelectionInfo) -> Worker | None:
         if not workers:
@@ -418,6 +443,7 @@ class CacheAwarePolicy(PolicyBase):
             return least_loaded(workers)
         live = index.live_urls if index is not None else frozenset()
         tree_scores: dict[str, int] | None = None
+        chain: list[int] = []
         if live:
             # Precise: cached prefix per worker from the event index; workers without live
             # events are scored from the tree (computed only if such a worker is offered).
@@ -461,6 +487,10 @@ class CacheAwarePolicy(PolicyBase):
         hit = best_score > 0 and best_score / len(tokens) > self.config.cache_threshold
         chosen = best if hit else self._place_new_prefix(workers, loads, loads[lightest.url],
                                                          tokens, index)
+        if hit and chain and best.url in live:
+            assert index is not None
+            chosen = self._relieve_pressure(best, chain[best_score // index.block_size - 1],
+                                            workers, loads, live, tokens, index)
         if hit:
             self.stats.hits += 1
         else:
@@ -480,8 +510,8 @@ class CacheAwarePolicy(PolicyBase):
         if not live or chosen.url not in live:
             # The tree stands in for events the chosen worker does not publish.
             tree.insert(tokens, chosen.url, self._clock())
-        elif index is not None and index.block_size:
-            self.bookings.book(chosen.url, prompt_chain(tokens, index.block_size))
+        elif chain:
+            self.bookings.book(chosen.url, chain)
         return chosen
 
     def _place_new_prefix(self, workers: Sequence[Worker], loads: dict[str, int],
@@ -503,6 +533,38 @@ class CacheAwarePolicy(PolicyBase):
             return min(tied, key=lambda w: (index.blocks(w.url) + bookings.blocks(w.url),
                                             -stable_hash(key + w.url.encode())))
         return min(tied, key=lambda w: (w.processed, -stable_hash(key + w.url.encode())))
+
+    def _relieve_pressure(self, best: Worker, match_end: int, workers: Sequence[Worker],
+                          loads: dict[str, int], live: set[str] | frozenset[str],
+                          tokens: array, index: KvIndex) -> Worker:
+        """``best`` holds the request's longest cached prefix; another worker when that prefix
+        is a shared one (several requests have stopped at its last block), ``best`` reported
+        an eviction within ``kv_pressure_window_secs`` (its cache is full), and a worker with
+        room exists: live events, no recent eviction, at most half ``best``'s cached blocks,
+        no more load.
+
+        The request pays for prefilling the shared prefix once on the new worker; in return
+        the conversations that start there stop competing for ``best``'s full cache, where
+        they would lose their history to evictions between turns. Among several workers with
+        room, the emptiest, then the least loaded, then a hash of the prompt's opening (router
+        replicas agree)."""
+        window = self.config.kv_pressure_window_secs
+        if (window <= 0 or self.shared_prefixes.note(match_end) < 2
+                or not index.evicted_within(best.url, window)):
+            return best
+        bookings = self.bookings
+        limit = (index.blocks(best.url) + bookings.blocks(best.url)) // 2
+        best_load = loads[best.url]
+        roomy = [w for w in workers
+                 if w.url in live and loads[w.url] <= best_load
+                 and index.blocks(w.url) + bookings.blocks(w.url) <= limit
+                 and not index.evicted_within(w.url, window)]
+        if not roomy:
+            return best
+        key = tokens[:PLACEMENT_KEY_TOKENS].tobytes()
+        self.stats.pressure_moves += 1
+        return min(roomy, key=lambda w: (index.blocks(w.url) + bookings.blocks(w.url),
+                                         loads[w.url], -stable_hash(key + w.url.encode())))
 
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)

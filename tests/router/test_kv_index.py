@@ -264,6 +264,80 @@ def test_spill_margin_is_capped_at_the_natural_swing() -> None:
     assert policy.stats.spills == 1
 
 
+def test_removed_blocks_mark_a_worker_as_evicting_for_a_while() -> None:
+    now = [10.0]
+    index = KvIndex(clock=lambda: now[0])
+    index.apply_event("a", stored(BLOCKS))
+    index.apply_event("b", stored(BLOCKS))
+    index.apply_event("b", cleared())  # a flush is not an eviction
+    assert not index.evicted_within("a", 5) and not index.evicted_within("b", 5)
+    index.apply_event("a", removed(BLOCKS[3][0]))
+    assert index.evicted_within("a", 5) and not index.evicted_within("b", 5)
+    now[0] += 6
+    assert not index.evicted_within("a", 5)
+
+
+def _pressure_fleet(window: float = 5.0) -> tuple[list[Worker], KvIndex, CacheAwarePolicy]:
+    """Three live workers; w0 holds a shared 8-token prefix (two blocks) and 8 more blocks of
+    other prompts, w1 holds the other prompts too, w2 is empty."""
+    now = [100.0]
+    ws = [_worker(f"grpc://w{i}:1") for i in range(3)]
+    index = KvIndex(block_size=BS, clock=lambda: now[0])
+    index.apply_event(ws[0].url, stored(BLOCKS[:2]))
+    filler = [(5000 + i, [9000 + i] * BS) for i in range(8)]
+    index.apply_event(ws[0].url, stored(filler))
+    index.apply_event(ws[1].url, stored(filler))
+    for w in ws:
+        index.set_live(w.url, True)
+    policy = CacheAwarePolicy(PolicyConfig(kv_pressure_window_secs=window,
+                                           selection_accounting_ttl_ms=0),
+                              clock=lambda: now[0])
+    policy.kv_index = index
+    return ws, index, policy
+
+
+def _turn(n: int) -> SelectionInfo:
+    """A first turn: the shared 8-token prefix, then 4 tokens of its own."""
+    return SelectionInfo(token_ids=PROMPT[:8] + [7000 + n] * BS)
+
+
+def test_a_shared_prefix_on_an_evicting_worker_is_copied_to_one_with_room() -> None:
+    """Conversations that all start with one system prompt pile onto the worker holding it;
+    once that worker evicts (its cache is full, so their histories will be lost between
+    turns) new ones go to a worker with room, which then holds the prefix too."""
+    ws, index, policy = _pressure_fleet()
+    assert policy.select_worker(ws, _turn(1)) is ws[0]  # first request at this prefix
+    assert policy.select_worker(ws, _turn(2)) is ws[0]  # shared, but w0 is not evicting
+    index.apply_event(ws[0].url, removed(5000))
+    index.apply_event(ws[1].url, removed(5001))  # w1 evicts too: it has no room either
+    moved = policy.select_worker(ws, _turn(3))
+    assert moved is ws[2] and policy.stats.pressure_moves == 1
+    # A conversation's own history is not a shared prefix: its next turn stays on w0.
+    index.apply_event(ws[0].url, stored(BLOCKS[2:3], parent=BLOCKS[1][0]))
+    history = PROMPT[:12]
+    assert policy.select_worker(ws, SelectionInfo(token_ids=history + [1] * BS)) is ws[0]
+    # Once w2 holds the prefix as well, the two share it by load, as any two holders do.
+    index.apply_event(ws[2].url, stored(BLOCKS[:2]))
+    ws[2].in_flight = 1
+    assert policy.select_worker(ws, _turn(4)) is ws[0]
+
+
+def test_pressure_moves_are_off_by_default_and_need_a_worker_with_room() -> None:
+    assert PolicyConfig().kv_pressure_window_secs == 0  # off unless asked for
+    ws, index, policy = _pressure_fleet(window=0)
+    index.apply_event(ws[0].url, removed(5000))
+    for n in range(3):
+        assert policy.select_worker(ws, _turn(n)) is ws[0]
+    ws, index, policy = _pressure_fleet()
+    index.apply_event(ws[0].url, removed(5000))
+    index.apply_event(ws[2].url, stored([(6000 + i, [8000 + i] * BS) for i in range(8)]))
+    ws[1].in_flight = 1  # w1 has room by blocks (none), but more load than w0
+    index.apply_event(ws[1].url, cleared())
+    for n in range(3):  # w2 is as full as w0, w1 busier: nowhere better to go
+        assert policy.select_worker(ws, _turn(n)) is ws[0]
+    assert policy.stats.pressure_moves == 0
+
+
 # ----------------------------------------------------------------- real sim workers
 
 
