@@ -123,7 +123,9 @@ class RouterConfig(ServiceConfig):
         10, help="prefix_hash: ... and more than this many requests above the least loaded.")
     max_idle_secs: float = option(
         14400.0, help="manual: a routing key idle this long forgets its worker.")
-    health_check_interval_secs: float = option(10.0, help="Seconds between health checks.")
+    health_check_interval_secs: float = option(
+        60.0, help="Seconds between health checks (SMG's default; a failing request trips the "
+                   "worker's circuit breaker long before a check notices).")
     health_check_endpoint: str = option(
         "/health", help="HTTP workers: the health probe path (/health_generate: SGLang's deep "
                         "check, a one-token generation).")
@@ -131,9 +133,11 @@ class RouterConfig(ServiceConfig):
         900.0, help="HTTP workers: a lease the gateway has not released after this many seconds "
                     "is dropped (its load and admission slot freed).")
     health_check_timeout_secs: float = option(
-        10.0, help="Seconds a deep HealthCheck may take before it counts as a failure.")
+        10.0, help="Seconds a deep HealthCheck may take before it counts as a failure (SMG: 5; "
+                   "the check is a one-token generation, which a busy CPU worker queues).")
     health_success_threshold: int = option(
-        1, help="Consecutive successes that make a pending/not-ready worker ready.")
+        2, help="Consecutive successes that make a pending/not-ready worker ready (met back to "
+                "back when a worker registers).")
     health_failure_threshold: int = option(
         3, help="Consecutive failures that make a ready worker not ready.")
     worker_startup_timeout_secs: float = option(

@@ -266,7 +266,12 @@ class Router:
         if (isinstance(policy, CacheAwarePolicy) and not self.config.disable_kv_events
                 and worker.connection_mode is ConnectionMode.GRPC):
             self._start_kv(worker, policy, server_args.get("kv_events"))
-        await self._check(worker)
+        # As SMG's registration, a worker is activated once it passes its health checks: the
+        # success threshold is met here, back to back, not over the first check intervals.
+        for _ in range(self.config.health_success_threshold):
+            await self._check(worker)
+            if worker.health is Health.READY or worker.consecutive_failures:
+                break
         log.info("registered %s serving %s (%s)", url, card.model_id, worker.health.value)
         return f"registered, model {card.model_id}, {worker.health.value}"
 
