@@ -253,6 +253,22 @@ async def test_failed_workers_are_removed_when_configured() -> None:
         assert router.registry.get(url(b)) is not None
 
 
+async def test_a_new_worker_passes_the_success_threshold_at_registration() -> None:
+    """SMG's defaults (2 successes, checks every 60 s) must not leave a new worker pending for
+    a minute: registration runs the checks back to back, and routes to it at once."""
+    from services.router.config import RouterConfig
+
+    defaults = RouterConfig()
+    assert (defaults.health_success_threshold, defaults.health_check_interval_secs) == (2, 60)
+    async with sim_fleet(sim_config()) as (w,), \
+            running_router([w], policy="round_robin", health_success_threshold=2,
+                           health_check_interval_secs=60) as router:
+        worker = router.registry.get(url(w))
+        assert worker is not None and worker.health is Health.READY
+        assert worker.consecutive_successes == 2
+        await generate(router, gen(range(5, 20), "first"))
+
+
 async def test_unhealthy_workers_stay_without_the_flag() -> None:
     async with sim_fleet(sim_config(), sim_config()) as (a, b), \
             running_router([a, b], health_failure_threshold=1,
