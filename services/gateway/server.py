@@ -24,6 +24,7 @@ from services.common.telemetry import server_span
 from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
 from services.gateway.dashboard import install_dashboard
+from services.gateway.direct_routes import DirectRoutes
 from services.gateway.errors import OpenAIError, invalid
 from services.gateway.http_backends import install_http_backends
 from services.gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -97,8 +98,8 @@ def too_large(size: int | str, limit: int) -> OpenAIError:
                             "(--max-payload-size).", code="payload_too_large")
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The JSON object body; 413 over ``limit`` (checked on content-length, then while reading)."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body; 413 over ``limit`` (checked on content-length, then while reading)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large(declared, limit)
@@ -111,22 +112,41 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         chunks.append(chunk)
     body = b"".join(chunks)
     request._body = body  # later reads (and receive()) see the body as consumed
+    return body
+
+
+def _unparsable(detail: object) -> OpenAIError:
+    return invalid(None, f"We could not parse the JSON body of your request: {detail}.")
+
+
+_NOT_AN_OBJECT = "The request body must be a JSON object."
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object body (``{}`` when empty)."""
+    body = await read_body(request, limit)
     if not body:
         return {}
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(None, f"We could not parse the JSON body of your request: {exc}.") from exc
+        raise _unparsable(exc) from exc
     if not isinstance(data, dict):
-        raise invalid(None, "The request body must be a JSON object.")
+        raise invalid(None, _NOT_AN_OBJECT)
     return data
 
 
 async def parse_body(request: Request, model: type[BaseModel], limit: int) -> Any:
-    data = await read_json(request, limit)
+    """The body validated as ``model``: parsed and validated in one pass by pydantic-core."""
+    body = await read_body(request, limit)
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(body) if body else model.model_validate({})
     except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise _unparsable(first["msg"]) from exc
+        if first["type"] == "model_type" and not first["loc"]:
+            raise invalid(None, _NOT_AN_OBJECT) from exc
         raise validation_error(exc) from exc
 
 
@@ -264,7 +284,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
                   redoc_url=None,
                   description="OpenAI-compatible HTTP API over the sglmesh gRPC services.",
                   **_NO_NATIVE_TELEMETRY)
-    # HTTP workers and --backend openai: relayed inside authentication (added first: innermost).
+    # Innermost: the plain POST endpoints, called without FastAPI's per-request machinery.
+    app.add_middleware(DirectRoutes, fastapi=app)
+    # HTTP workers and --backend openai: relayed inside authentication.
     install_http_backends(app, state, config)
     # Outermost first: telemetry (request id, span) wraps authentication.
     app.add_middleware(AuthMiddleware, api_keys=config.api_keys)

@@ -342,6 +342,24 @@ def test_response_errors(base_url: str, body: dict, status: int, param: str | No
     assert reply.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses",
+                                  "/v1/tokenize"])
+@pytest.mark.parametrize(("content", "says"), [
+    (b'{"model": "m", "messages": [', "could not parse the JSON body"),
+    (b"\xff\xfe{}", "could not parse the JSON body"),
+    (b'[{"model": "m"}]', "must be a JSON object"),
+    (b"", "Missing required parameter"),
+])
+def test_a_body_that_is_not_a_json_object_is_a_clear_400(base_url: str, path: str,
+                                                          content: bytes, says: str) -> None:
+    reply = httpx.post(f"{base_url}{path}", content=content, trust_env=False, timeout=30,
+                       headers={"content-type": "application/json", "x-request-id": "bad-1"})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert says in error["message"] and error["type"] == "invalid_request_error"
+    assert reply.headers["x-request-id"] == "bad-1"
+
+
 # ---- completions, /generate, tokenize, embeddings --------------------------------------------
 
 PROMPT = "The capital of France is"
