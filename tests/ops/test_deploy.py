@@ -1,14 +1,17 @@
 """deploy/: the Dockerfile, compose file and Helm chart name only entry points and flags that exist.
 
 No Docker engine, Kubernetes API server or Helm binary runs here. The chart's templates use plain
-value substitution only, so this test renders them itself (a stand-in for `helm template` that
-understands exactly that subset and fails on anything else), then checks every manifest.
+value substitution and whole-line ``if`` / ``if not`` / ``else`` / ``end`` on a value, so this
+test renders them itself (a stand-in for `helm template` that understands exactly that subset
+and fails on anything else), in both layouts (split services, and ``embedded: true``), then
+checks every manifest.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +31,45 @@ CHART = DEPLOY / "helm" / "sglmesh"
 CONFIGS = {"gateway": GatewayConfig, "history": HistoryConfig, "router": RouterConfig,
            "tokenizer": TokenizerConfig, "worker": WorkerConfig}
 SUBSTITUTION = re.compile(r"\{\{\s*\.(Values|Release)\.([A-Za-z0-9_.]+)\s*\}\}")
+CONTROL = re.compile(r"^\s*\{\{-?\s*(if not|if|else|end)\s*(?:\.Values\.([A-Za-z0-9_.]+))?"
+                     r"\s*-?\}\}\s*$")
 
 
-def render_chart(release: str = "demo") -> list[dict[str, Any]]:
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
+def render_chart(release: str = "demo", **values_set: Any) -> list[dict[str, Any]]:
+    """The chart's manifests; ``values_set`` overrides top-level values (``--set k=v``)."""
+    values = {**yaml.safe_load((CHART / "values.yaml").read_text()), **values_set}
     scopes = {"Values": values, "Release": {"Name": release, "Namespace": "default"}}
 
-    def lookup(match: re.Match[str]) -> str:
-        node: Any = scopes[match.group(1)]
-        for key in match.group(2).split("."):
-            assert isinstance(node, dict) and key in node, f"undefined value {match.group(0)}"
+    def value(scope: str, path: str) -> Any:
+        node: Any = scopes[scope]
+        for key in path.split("."):
+            assert isinstance(node, dict) and key in node, f"undefined value .{scope}.{path}"
             node = node[key]
-        return str(node)
+        return node
 
     docs = []
     for template in sorted((CHART / "templates").glob("*.yaml")):
-        rendered = SUBSTITUTION.sub(lookup, template.read_text())
-        assert "{{" not in rendered, f"{template.name}: template syntax beyond plain values"
+        kept: list[str] = []
+        emitting: list[bool] = []  # one entry per open if-block
+        for line in template.read_text().splitlines(keepends=True):
+            control = CONTROL.match(line)
+            if control is None:
+                if all(emitting):
+                    kept.append(line)
+                continue
+            kind, path = control.groups()
+            if kind in ("if", "if not"):
+                assert path, f"{template.name}: `if` on something other than a value"
+                emitting.append(bool(value("Values", path)) == (kind == "if"))
+            else:
+                assert emitting, f"{template.name}: `{kind}` outside an if-block"
+                if kind == "else":
+                    emitting[-1] = not emitting[-1]
+                else:
+                    emitting.pop()
+        assert not emitting, f"{template.name}: unclosed if-block"
+        rendered = SUBSTITUTION.sub(lambda m: str(value(m.group(1), m.group(2))), "".join(kept))
+        assert "{{" not in rendered, f"{template.name}: template syntax beyond the subset"
         docs += [d for d in yaml.safe_load_all(rendered) if d]
     return docs
 
@@ -59,9 +84,25 @@ def parse_service_args(args: list[str]) -> argparse.Namespace:
         raise AssertionError(f"`sglmesh {' '.join(args)}` is rejected by the CLI") from exc
 
 
-@pytest.fixture(scope="module")
-def manifests() -> list[dict[str, Any]]:
-    return render_chart()
+@pytest.fixture(scope="module", params=[False, True], ids=["split", "embedded"])
+def manifests(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return render_chart(embedded=request.param)
+
+
+def _embedded(manifests: list[dict[str, Any]]) -> bool:
+    return "demo-router" not in _deployments(manifests)
+
+
+def _router_args(manifests: list[dict[str, Any]]) -> argparse.Namespace:
+    """The router's flags: its own Deployment's, or the gateway's --router-args (embedded)."""
+    deployments = _deployments(manifests)
+    if not _embedded(manifests):
+        return parse_service_args(
+            deployments["demo-router"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    gateway = parse_service_args(
+        deployments["demo-gateway"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert gateway.router == "embedded" and gateway.tokenizer == "embedded"
+    return parse_service_args(["router", *shlex.split(gateway.router_args)])
 
 
 def _deployments(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -74,9 +115,11 @@ def test_chart_renders_to_well_formed_manifests(manifests: list[dict[str, Any]])
         assert {"apiVersion", "kind", "metadata"} <= set(manifest)
         assert manifest["metadata"]["name"].startswith("demo")
     kinds = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    in_gateway = {"router", "tokenizer"} if _embedded(manifests) else set()
     for service in CONFIGS:
-        assert ("Deployment", f"demo-{service}") in kinds
-        assert ("Service", f"demo-{service}") in kinds
+        for kind in ("Deployment", "Service"):
+            assert ((kind, f"demo-{service}") in kinds) == (service not in in_gateway), service
+    assert ("HorizontalPodAutoscaler", "demo-tokenizer") in kinds or in_gateway
     assert {"ConfigMap", "ServiceAccount", "Role", "RoleBinding",
             "HorizontalPodAutoscaler"} <= {kind for kind, _ in kinds}
 
@@ -118,9 +161,9 @@ def test_selectors_match_pod_labels(manifests) -> None:
                    for d in deployments.values()), service["metadata"]["name"]
     worker = deployments["demo-worker"]["spec"]["template"]["metadata"]["labels"]
     assert worker["sglmesh.io/discovery"] == "sglmesh-worker"
-    # The router discovers exactly those pods, on the workers' gRPC port.
-    router = deployments["demo-router"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    args = parse_service_args(router)
+    # The router (its own pods, or the gateway's when embedded) discovers exactly those pods,
+    # on the workers' gRPC port.
+    args = _router_args(manifests)
     assert args.service_discovery is True
     assert all(worker.get(k) == v for k, v in (s.split("=", 1) for s in args.selector))
     worker_port = parse_service_args(
@@ -132,9 +175,10 @@ def test_router_can_watch_pods(manifests) -> None:
     role = next(m for m in manifests if m["kind"] == "Role")
     assert role["rules"][0]["resources"] == ["pods"]
     assert {"list", "watch"} <= set(role["rules"][0]["verbs"])
-    router = _deployments(manifests)["demo-router"]["spec"]["template"]["spec"]
+    watcher = "demo-gateway" if _embedded(manifests) else "demo-router"
+    pod = _deployments(manifests)[watcher]["spec"]["template"]["spec"]
     binding = next(m for m in manifests if m["kind"] == "RoleBinding")
-    assert binding["subjects"][0]["name"] == router["serviceAccountName"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
 
 
 def test_compose_file(tmp_path: Path) -> None:
