@@ -246,7 +246,9 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 if start.HasField("render"):
                     prompt, ids = await self._render(start.render)
                     context_ids = ids[-PROMPT_CONTEXT_TOKENS:]
-                    reasoning_open = bool(start.reasoning_parser) and opens_reasoning(prompt)
+                    # Whichever parser applies (named here or the service's default) starts
+                    # inside the reasoning block the template opened; without one it is unused.
+                    reasoning_open = opens_reasoning(prompt)
                     yield pb.DecodeStreamResponse(
                         rendered=pb.RenderChatResponse(prompt=prompt, token_ids=ids))
                 options = DecodeOptions(

@@ -59,3 +59,31 @@ async def test_inline_and_pool_agree(core: TokenizerCore, inline_max_bytes: int)
         with pytest.raises(ServiceError) as info:
             await _decode(service, [[10**9]])
         assert info.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+async def test_a_template_that_opens_reasoning_is_followed_by_the_default_parser(
+        tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The gateway sends no parser name (the service's --reasoning-parser applies) and the chat
+    template itself opened <think>: the model's text up to </think> is reasoning."""
+    core = TokenizerCore(tmp_path, reasoning_parser="qwen3")
+    core.load_dir("thinker", str(tokenizer_dir), chat_template=THINKING_TEMPLATE)
+    tok = core.get("thinker")
+    answer = tok.encode("2+2 is 4</think>\n\nIt is 4.", add_special_tokens=False)
+
+    async def requests() -> AsyncIterator[pb.DecodeStreamRequest]:
+        yield pb.DecodeStreamRequest(start=pb.DecodeStart(
+            model="thinker", render=pb.RenderChatRequest(model="thinker", messages=[
+                _struct({"role": "user", "content": "2+2?"})])))
+        yield pb.DecodeStreamRequest(tokens=pb.DecodeTokens(token_ids=answer, finished=True))
+
+    with ThreadPoolExecutor(1) as executor:
+        service = TokenizerService(core, executor)
+        out = [r async for r in service.DecodeStream(requests(), None)]  # type: ignore[arg-type]
+    assert out[0].rendered.prompt.endswith("<think>\n")
+    assert "".join(r.reasoning_text for r in out[1:]) == "2+2 is 4"
+    assert "".join(r.text for r in out[1:]).strip() == "It is 4."
