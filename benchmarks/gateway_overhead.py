@@ -5,7 +5,7 @@ through SMG (``smg.launch_router``, gRPC mode, the same worker) for sglmesh/SMG 
 The worker is ``--engine sim`` with every timing set to 0, so it answers (almost) instantly and
 what is measured is the serving path. Latency: client-side p50/p99 per request. CPU: the
 user+system time the serving processes (gateway, tokenizer, router; or SMG) used during a
-level, divided by its requests (read from /proc/<pid>/stat).
+level, divided by its requests (the processes' CPU-time clocks, :mod:`benchmarks.proc_cpu`).
 
     .venv/bin/python benchmarks/gateway_overhead.py --concurrency 1 16 64 --requests 300 --smg
 
@@ -46,16 +46,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.proc_cpu import cpu_seconds  # noqa: E402
 from services.common.net import CHANNEL_OPTIONS, free_port  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 MESSAGES = [{"role": "user", "content": "Hello! Please tell me about the weather today."}]
 LOOPBACK = "127.0.0.1,localhost,::1"
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 class Proc:

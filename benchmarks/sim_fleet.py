@@ -5,7 +5,7 @@ worker's KV events, drives ``--streams`` concurrent streamed Generate calls per 
 (``--requests`` each, prompts sharing a prefix), and reports:
 
 * start-up time and RSS of the fleet process,
-* the fleet process's CPU use (from /proc) during the load,
+* the fleet process's CPU use (its CPU-time clock) during the load,
 * the achieved decode rate per stream against the modelled one (``decode_ms`` + per-running
   growth): a ratio near 1.0 means the process keeps the simulated timing, i.e. it is not
   CPU-bound,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,14 +34,8 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.proc_cpu import cpu_seconds  # noqa: E402
 from services.common.net import CHANNEL_OPTIONS  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def rss_mib(pid: int) -> float:
