@@ -552,19 +552,20 @@ class CacheAwarePolicy(PolicyBase):
         if (window <= 0 or self.shared_prefixes.note(match_end) < 2
                 or not index.evicted_within(best.url, window)):
             return best
-        bookings = self.bookings
-        limit = (index.blocks(best.url) + bookings.blocks(best.url)) // 2
+        limit = index.blocks(best.url) // 2
         best_load = loads[best.url]
         roomy = [w for w in workers
                  if w.url in live and loads[w.url] <= best_load
-                 and index.blocks(w.url) + bookings.blocks(w.url) <= limit
+                 and index.blocks(w.url) <= limit
                  and not index.evicted_within(w.url, window)]
         if not roomy:
             return best
+        # Only what every replica sees (the event index, the prompt) picks among them, so
+        # replicas copy a hot prefix to the same worker instead of each to another.
         key = tokens[:PLACEMENT_KEY_TOKENS].tobytes()
         self.stats.pressure_moves += 1
-        return min(roomy, key=lambda w: (index.blocks(w.url) + bookings.blocks(w.url),
-                                         loads[w.url], -stable_hash(key + w.url.encode())))
+        return min(roomy, key=lambda w: (index.blocks(w.url) // 64,
+                                         -stable_hash(key + w.url.encode())))
 
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)
