@@ -546,8 +546,8 @@ class CacheAwarePolicy(PolicyBase):
         The request pays for prefilling the shared prefix once on the new worker; in return
         the conversations that start there stop competing for ``best``'s full cache, where
         they would lose their history to evictions between turns. Among several workers with
-        room, the emptiest, then the least loaded, then a hash of the prompt's opening (router
-        replicas agree)."""
+        room, the emptiest by the event index (in steps of 64 blocks, so event timing between
+        replicas does not flip it), then a hash of the prompt's opening: replicas agree."""
         window = self.config.kv_pressure_window_secs
         if (window <= 0 or self.shared_prefixes.note(match_end) < 2
                 or not index.evicted_within(best.url, window)):
@@ -560,8 +560,8 @@ class CacheAwarePolicy(PolicyBase):
                  and not index.evicted_within(w.url, window)]
         if not roomy:
             return best
-        # Only what every replica sees (the event index, the prompt) picks among them, so
-        # replicas copy a hot prefix to the same worker instead of each to another.
+        # Only what every replica sees (the event index, the prompt) ranks them, so replicas
+        # copy a hot prefix to the same worker instead of each to another (docs/routing.md).
         key = tokens[:PLACEMENT_KEY_TOKENS].tobytes()
         self.stats.pressure_moves += 1
         return min(roomy, key=lambda w: (index.blocks(w.url) // 64,
