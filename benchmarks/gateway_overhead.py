@@ -269,7 +269,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             "-m", "services.worker", "--port", str(wport), "--engine", "sim",
             "--model-path", str(model_dir), "--sim-decode-ms", "0",
             "--sim-decode-ms-per-running", "0", "--sim-prefill-ms-per-token", "0",
-            "--max-running-requests", "256", "--log-level", "warning"])
+            "--max-running-requests", "256", "--stream-interval", str(args.stream_interval),
+            "--log-level", "warning"])
         wait_grpc(f"127.0.0.1:{wport}", worker)
         base, serving = start_stack(start, "sglmesh", ROOT, wport)
         tport = serving.pop("tport")
@@ -464,6 +465,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="requests per level")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the sim worker's tokens per streamed message (every path reads "
+                             "the same worker)")
     parser.add_argument("--smg", action="store_true", help="also measure smg.launch_router")
     parser.add_argument("--floor", action="store_true",
                         help="also measure a bare FastAPI app and the Python gRPC client")

@@ -48,6 +48,11 @@ class WorkerConfig(ServiceConfig):
                    "--no-batch-decode runs one forward pass per request.")
     health_check_timeout: float = option(
         20.0, help="Seconds the deep HealthCheck waits for its 1-token generation.")
+    stream_interval: int = option(
+        1, help="torch and sim: tokens per streamed chunk (SGLang's --stream-interval; with "
+                "--engine sglang pass it in --sglang-args). The first token goes out at once, "
+                "then one message per N tokens: the router, tokenizer and gateway handle N "
+                "times fewer messages per token.")
     # prefix cache and KV events (torch and sim)
     block_size: int = option(
         16, help="Tokens per prefix-cache block (the KV event granularity).")
@@ -107,6 +112,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.stream_interval < 1:
+            raise ValueError("--stream-interval must be >= 1")
         if self.max_running_requests < 1:
             raise ValueError(
                 f"--max-running-requests must be >= 1, got {self.max_running_requests}")

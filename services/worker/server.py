@@ -260,6 +260,20 @@ def input_logprobs(lp: TokenLogprobs | None) -> pb.InputLogProbs | None:
         token_ids=lp.token_ids, top_logprobs=_top(lp.top) if any(lp.top) else [])
 
 
+def joined(earlier: EngineOutput, later: EngineOutput) -> EngineOutput:
+    """One chunk for two consecutive outputs of a sample (counts are cumulative: the later's)."""
+    logprobs = earlier.output_logprobs
+    if logprobs is not None and later.output_logprobs is not None:
+        logprobs = TokenLogprobs(list(logprobs.token_ids), list(logprobs.logprobs),
+                                 list(logprobs.top), list(logprobs.requested))
+        logprobs.extend(later.output_logprobs)
+    return dataclasses.replace(
+        later, new_token_ids=earlier.new_token_ids + later.new_token_ids,
+        output_logprobs=logprobs if logprobs is not None else later.output_logprobs,
+        input_logprobs=(earlier.input_logprobs if earlier.input_logprobs is not None
+                        else later.input_logprobs))
+
+
 def chunk_message(out: EngineOutput) -> pb.GenerateStreamChunk:
     return pb.GenerateStreamChunk(
         token_ids=out.new_token_ids, prompt_tokens=out.prompt_tokens,
@@ -358,18 +372,28 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         first_token: set[int] = set()
         inputs: dict[int, TokenLogprobs | None] = {}
+        held: dict[int, EngineOutput] = {}  # per sample: tokens waiting for --stream-interval
+        interval = self.config.stream_interval
         try:
             stream = engine.generate(request_id, list(request.tokenized.input_ids), options)
             async with contextlib.aclosing(stream):
                 async for out in stream:
-                    if out.new_token_ids and out.index not in first_token:
+                    first = bool(out.new_token_ids) and out.index not in first_token
+                    if first:
                         first_token.add(out.index)
                         metrics.TTFT.observe(time.monotonic() - arrived)
                     if out.input_logprobs is not None:
                         inputs[out.index] = out.input_logprobs
                     if request.stream and (out.new_token_ids or out.input_logprobs is not None):
-                        yield pb.GenerateResponse(request_id=request_id,
-                                                  chunk=chunk_message(out))
+                        chunk = out
+                        if out.index in held:
+                            chunk = joined(held.pop(out.index), out)
+                        if (first or out.finished or interval == 1
+                                or len(chunk.new_token_ids) >= interval):
+                            yield pb.GenerateResponse(request_id=request_id,
+                                                      chunk=chunk_message(chunk))
+                        else:
+                            held[out.index] = chunk
                     if out.finished:
                         self._count(out, arrived)
                         yield pb.GenerateResponse(

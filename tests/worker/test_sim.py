@@ -299,3 +299,23 @@ def test_config_validation() -> None:
         sim_config(sim_error_rate=2.0)
     with pytest.raises(ValueError, match="sim option"):
         dataclasses.replace(sim_config(), engine="torch", disaggregation_mode="prefill")
+
+
+async def test_stream_interval_sends_the_first_token_then_n_per_message() -> None:
+    """--stream-interval 4: 10 tokens arrive as 1 + 4 + 4 + 1 (the rest at finish), the same
+    tokens and cumulative counts as one message per token."""
+    ids = list(range(20, 60))
+    async with worker(stream_interval=4) as (_, stub):
+        replies = [r async for r in stub.Generate(gen(ids, "si", max_new=10,
+                                                      return_logprob=True))]
+    async with worker() as (_, stub):
+        each = [r async for r in stub.Generate(gen(ids, "one", max_new=10,
+                                                   return_logprob=True))]
+    chunks = [r.chunk for r in replies if r.HasField("chunk")]
+    assert [len(c.token_ids) for c in chunks] == [1, 4, 4, 1]
+    assert [c.completion_tokens for c in chunks] == [1, 5, 9, 10]
+    assert [t for c in chunks for t in c.token_ids] == list(replies[-1].complete.output_ids)
+    assert list(replies[-1].complete.output_ids) == list(each[-1].complete.output_ids)
+    assert [len(c.output_logprobs.token_logprobs) for c in chunks] == [1, 4, 4, 1]
+    assert ([v for c in chunks for v in c.output_logprobs.token_logprobs]
+            == [v for r in each[:-1] for v in r.chunk.output_logprobs.token_logprobs])
