@@ -394,6 +394,9 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
                                                       chunk=chunk_message(chunk))
                         else:
                             held[out.index] = chunk
+                    elif out.finished and out.index in held:  # a finish that adds no token
+                        yield pb.GenerateResponse(request_id=request_id,
+                                                  chunk=chunk_message(held.pop(out.index)))
                     if out.finished:
                         self._count(out, arrived)
                         yield pb.GenerateResponse(

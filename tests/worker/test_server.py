@@ -422,3 +422,28 @@ async def test_sigterm_drains(embedded_model_dir: Path,
     finally:
         await channel.close()
         proc.stop()
+
+
+async def test_stream_interval_with_a_trimmed_stop_string(embedded_model_dir: Path,
+                                                          chat_ids: Callable[..., list[int]],
+                                                          decode: Callable[[list[int]], str]
+                                                          ) -> None:
+    """--stream-interval 4 on the real engine: first token alone, then up to 4 per chunk. The
+    stop string " is Paris" is trimmed with the token it held back, so the finish adds no token:
+    the three tokens waiting for the interval must still be sent, and the chunks join to
+    exactly the output ("The capital of France is Paris" without the stop string)."""
+    with ServiceProcess("worker", ["--model-path", str(embedded_model_dir),
+                                   "--num-threads", "1", "--stream-interval", "4"]) as proc:
+        channel = create_channel(proc.target)
+        try:
+            stub = pb_grpc.SglangSchedulerStub(channel)
+            replies = [r async for r in stub.Generate(request(
+                chat_ids(), "si", stream=True, max_new=30, stop=[" is Paris"]))]
+        finally:
+            await channel.close()
+    chunks = [r.chunk for r in replies if r.HasField("chunk")]
+    complete = replies[-1].complete
+    assert complete.matched_stop_str == " is Paris"
+    assert [len(c.token_ids) for c in chunks] == [1, 3]
+    streamed = [t for c in chunks for t in c.token_ids]
+    assert streamed == list(complete.output_ids) and decode(streamed) == "The capital of France"
