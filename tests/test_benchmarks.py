@@ -14,10 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, *args: str) -> None:
+def run(script: str, *args: str) -> str:
     done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 @pytest.mark.slow
@@ -54,3 +55,25 @@ def test_router_quality_reports_every_arm(tmp_path: Path) -> None:
         assert results[arm]["follow_ups_moved"] < results["round_robin"]["follow_ups_moved"]
         assert results[arm]["follow_up_hit_rate"] > results["round_robin"]["follow_up_hit_rate"]
     assert 0 < report["hit_rate_ceiling"] <= 1
+
+
+def test_router_policies_reports_every_policy(tmp_path: Path) -> None:
+    out = tmp_path / "policies.json"
+    run("router_policies.py", "--quick", "--workers", "8", "--json", str(out))
+    report = json.loads(out.read_text())
+    policies = {d["policy"] for d in report["decisions"]}
+    assert {"round_robin", "random", "power_of_two", "cache_aware", "consistent_hashing",
+            "manual", "prefix_hash"} <= policies
+    assert all(d["p50_us"] > 0 and d["state_kib"] > 0 for d in report["decisions"])
+
+
+def test_sim_fleet_reports_cpu_and_pacing() -> None:
+    report = json.loads(run("sim_fleet.py", "--count", "2", "--streams", "2", "--requests", "2",
+                            "--output", "8"))
+    assert report["workers"] == 2 and report["tokens"] == 64
+    assert report["fleet_cpu_percent"] > 0 and report["kv_event_batches"] > 0
+    assert 0.5 < report["itl_ratio_p50"] < 2  # paced by the modelled step time
+
+
+def test_tokenizer_bench_runs() -> None:
+    assert "RenderChat in-process" in run("tokenizer_bench.py", "--quick")
