@@ -141,7 +141,8 @@ class RouterConfig(ServiceConfig):
     health_failure_threshold: int = option(
         3, help="Consecutive failures that make a ready worker not ready.")
     worker_startup_timeout_secs: float = option(
-        300.0, help="How long registration waits for a worker to answer GetModelInfo.")
+        1800.0, help="How long registration waits for a worker to answer GetModelInfo (SMG's "
+                     "default: a large model's SGLang worker can take many minutes to serve).")
     abort_timeout_secs: float = option(5.0, help="Timeout of the Abort sent on cancellation.")
     remove_unhealthy_workers: bool | None = option(
         None, help="Remove a worker that stays unhealthy (not ready for 3x, or pending for 10x "
