@@ -58,6 +58,10 @@ class GatewayConfig(ServiceConfig):
                  "for others). Its output is reasoning_content unless the request sets "
                  "separate_reasoning=false.")
     retry_after_secs: int = option(1, help="Retry-After sent with 429 and 503 answers.")
+    sse_keepalive_secs: float = option(
+        15.0, help="A streamed answer that has sent nothing for this many seconds gets an SSE "
+                   "comment line, so proxies with an idle timeout keep it open through a long "
+                   "queue wait or prefill (0: never; SMG's flag and default).")
     backend: str = option(
         "sglmesh", help="sglmesh: serve models through the router (gRPC and HTTP workers). "
                         "openai: proxy chat, completions, embeddings and responses to one "
@@ -98,6 +102,8 @@ class GatewayConfig(ServiceConfig):
             raise ValueError("--max-payload-size must be positive")
         if self.history_timeout_secs <= 0:
             raise ValueError("--history-timeout-secs must be positive")
+        if self.sse_keepalive_secs < 0:
+            raise ValueError("--sse-keepalive-secs must be >= 0 (0: never)")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}")
         if self.backend == "openai":

@@ -293,6 +293,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.add_middleware(TelemetryMiddleware)
     install_dashboard(app, lambda: state["backends"])
     max_payload = config.max_payload_size
+    keepalive = config.sse_keepalive_secs
 
     def request_id(request: Request) -> str:
         return str(request.scope.get("state", {}).get("request_id") or new_request_id())
@@ -330,7 +331,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         chat: ChatCompletionService = state["chat"]
         if body.stream:
             frames = await chat.stream(body, rid)
-            return EventStreamResponse(frames)
+            return EventStreamResponse(frames, keepalive=keepalive)
         result = await until_disconnect(request, chat.complete(body, rid))
         return Response(result.model_dump_json(), media_type="application/json")
 
@@ -346,7 +347,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         prompts: PromptService = state["prompts"]
         if body.stream:
             frames = await until_disconnect(request, prompts.stream(body, rid))
-            return EventStreamResponse(frames)
+            return EventStreamResponse(frames, keepalive=keepalive)
         return JSONResponse(await until_disconnect(request, prompts.complete(body, rid)))
 
     @app.post("/generate", tags=["sglang"], **documented(NativeGenerateRequest, stream=True))
@@ -357,7 +358,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         generations, stream, batch = await until_disconnect(
             request, prompts.generate(body, request_id(request)))
         if stream:
-            return EventStreamResponse(prompts.native_stream(generations))
+            return EventStreamResponse(prompts.native_stream(generations), keepalive=keepalive)
         results = await until_disconnect(request, _gather(
             PromptService.native_result(g) for g in generations))
         return JSONResponse(results if batch else results[0])
@@ -394,7 +395,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         if body.background:
             return JSONResponse(await responses.start_background(ctx, rid))
         if body.stream:
-            return EventStreamResponse(responses.stream(ctx, rid))
+            return EventStreamResponse(responses.stream(ctx, rid), keepalive=keepalive)
         return JSONResponse(await until_disconnect(request, responses.complete(ctx, rid)))
 
     @app.get("/v1/responses/{response_id}", tags=["responses"])

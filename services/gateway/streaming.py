@@ -71,30 +71,80 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
 
 
+KEEPALIVE_COMMENT = b": keepalive\n\n"
+
+
+class KeepAlive:
+    """Sends an SSE comment on a stream that has sent nothing for ``interval`` seconds, so that
+    proxies with an idle timeout keep it open through a long queue wait or prefill (SMG's
+    --sse-keepalive-secs). One timer per stream; a task only when a comment is due."""
+
+    def __init__(self, send: Send, interval: float) -> None:
+        self._send = send
+        self.interval = interval
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
+        self._pending: asyncio.Task[None] | None = None
+        self._timer = self._loop.call_later(interval, self._due)
+
+    def sent(self) -> None:
+        self.last = self._loop.time()
+
+    def _due(self) -> None:
+        idle = self._loop.time() - self.last
+        if idle >= self.interval and (self._pending is None or self._pending.done()):
+            self._pending = self._loop.create_task(self._comment())
+            self.last, idle = self._loop.time(), 0.0
+        self._timer = self._loop.call_later(max(self.interval - idle, 0.01), self._due)
+
+    async def _comment(self) -> None:
+        try:
+            await self._send({"type": "http.response.body", "body": KEEPALIVE_COMMENT,
+                              "more_body": True})
+        except Exception:  # noqa: BLE001 - the client is gone: the stream's own send says so
+            pass
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+
+
 class EventStreamResponse(Response):
     """A ``text/event-stream`` body from an async iterator of frames; a client disconnect
-    cancels the iterator where it waits and closes it."""
+    cancels the iterator where it waits and closes it. ``keepalive`` > 0: a comment after that
+    many idle seconds (:class:`KeepAlive`)."""
 
     media_type = "text/event-stream"
 
     def __init__(self, frames: AsyncIterator[str | bytes], status_code: int = 200,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, keepalive: float = 0.0) -> None:
         self.frames = frames
         self.status_code = status_code
         self.background = None
+        self.keepalive = keepalive
         self.init_headers({"cache-control": "no-cache", **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keeper: KeepAlive | None = None
         with DisconnectWatch(receive) as watch:
             try:
                 try:
                     await send({"type": "http.response.start", "status": self.status_code,
                                 "headers": self.raw_headers})
+                    if self.keepalive > 0:
+                        keeper = KeepAlive(send, self.keepalive)
                     async for frame in self.frames:
                         await send({"type": "http.response.body", "more_body": True,
                                     "body": frame.encode() if isinstance(frame, str) else frame})
+                        if keeper is not None:
+                            keeper.sent()
+                    if keeper is not None:
+                        keeper.stop()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 finally:
+                    if keeper is not None:
+                        keeper.stop()
                     aclose = getattr(self.frames, "aclose", None)
                     if aclose is not None:
                         await aclose()  # the frames' own clean-up (e.g. cancel the gRPC calls)

@@ -286,7 +286,8 @@ async def relay(pool: UpstreamPool, opened: Opened, request_id: str) -> Response
             await response.aclose()
             pool.release_later(up, end, True, message)
 
-    return EventStreamResponse(chunks(), status_code=response.status_code, headers=out_headers)
+    return EventStreamResponse(chunks(), status_code=response.status_code, headers=out_headers,
+                               keepalive=pool.backends.config.sse_keepalive_secs)
 
 
 # ---- the Responses API (and any chat-delta consumer) on HTTP upstreams ------------------------

@@ -35,6 +35,7 @@ def test_list_flag_takes_several_values() -> None:
     (["--port", "70000"], {}, "--port"),
     (["--log-level", "loud"], {}, "--log-level"),
     (["--health-check-interval-secs", "0"], {}, "--health-check-interval-secs"),
+    (["--kv-pressure-window-secs", "-1"], {}, "--kv-pressure-window-secs"),
     ([], {"SGLMESH_ROUTER_PORT": "eighty"}, "SGLMESH_ROUTER_PORT"),
 ])
 def test_invalid_values_exit_with_a_message_naming_the_flag(
@@ -44,3 +45,13 @@ def test_invalid_values_exit_with_a_message_naming_the_flag(
         parse_config(RouterConfig, argv, env=env)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_gateway_sse_keepalive_flag() -> None:
+    from services.gateway.config import GatewayConfig
+
+    assert parse_config(GatewayConfig, [], env={}).sse_keepalive_secs == 15  # SMG's default
+    assert parse_config(GatewayConfig, ["--sse-keepalive-secs", "0"], env={}
+                        ).sse_keepalive_secs == 0
+    with pytest.raises(SystemExit):
+        parse_config(GatewayConfig, ["--sse-keepalive-secs", "-1"], env={})

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from services.gateway.errors import OpenAIError
-from services.gateway.streaming import EventStreamResponse, until_disconnect
+from services.gateway.streaming import KEEPALIVE_COMMENT, EventStreamResponse, until_disconnect
 
 
 class Client:
@@ -125,3 +125,33 @@ async def test_until_disconnect_cancels_the_work_with_a_499() -> None:
     assert caught.value.status == 499
     assert cancelled.is_set()
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_an_idle_stream_gets_keepalive_comments_and_a_busy_one_none() -> None:
+    """A worker that takes 0.35 s for its next token (queue, long prefill): with a 0.1 s
+    keepalive the client receives comment lines meanwhile, never after the end."""
+    async def slow() -> AsyncIterator[str]:
+        yield "data: 1\n\n"
+        await asyncio.sleep(0.35)
+        yield "data: 2\n\n"
+
+    client = Client()
+    await EventStreamResponse(slow(), keepalive=0.1)({"type": "http"}, client.receive,
+                                                     client.send)
+    body = client.body
+    assert body.startswith(b"data: 1\n\n") and body.endswith(b"data: 2\n\n")
+    assert body.count(KEEPALIVE_COMMENT) >= 2
+    assert body.replace(KEEPALIVE_COMMENT, b"") == b"data: 1\n\ndata: 2\n\n"
+    ended = len(client.sent)
+    await asyncio.sleep(0.25)
+    assert len(client.sent) == ended and client.sent[-1]["more_body"] is False
+
+    async def busy() -> AsyncIterator[str]:
+        for n in range(6):
+            await asyncio.sleep(0.03)
+            yield f"data: {n}\n\n"
+
+    client = Client()
+    await EventStreamResponse(busy(), keepalive=0.1)({"type": "http"}, client.receive,
+                                                     client.send)
+    assert KEEPALIVE_COMMENT not in client.body
