@@ -101,6 +101,11 @@ class LocalContext:
     def details(self) -> str:
         return self._details
 
+    @property
+    def deadline(self) -> float | None:
+        """``time.monotonic()`` at which the call times out (None: never)."""
+        return self._deadline
+
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
@@ -214,7 +219,17 @@ class _StreamingCall(_Call):
             return grpc.aio.EOF
         self._reader = asyncio.current_task()
         try:
-            return await anext(self._responses)
+            deadline = self.context.deadline
+            if deadline is None:
+                return await anext(self._responses)
+            # A remote call's deadline ends it wherever it waits; so does this one's.
+            async with asyncio.timeout_at(asyncio.get_running_loop().time()
+                                          + deadline - time.monotonic()):
+                return await anext(self._responses)
+        except TimeoutError:
+            self._done = True
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, Metadata(), Metadata(),
+                                       "Deadline Exceeded") from None
         except StopAsyncIteration:
             self._done = True
             error = _status_error(self.context, self.method)

@@ -130,7 +130,11 @@ class Generation:
         opened = decode_call is not None
         if decode_call is None:
             decode_call = self.backends.tokenizer.DecodeStream(metadata=metadata)
-        generate_call = self.backends.scheduler.Generate(self.generate_request, metadata=metadata)
+        # --request-timeout-secs bounds the generation (a gRPC deadline: the router aborts the
+        # worker's request when it passes; the client gets a 504 or an SSE error event).
+        generate_call = self.backends.scheduler.Generate(
+            self.generate_request, metadata=metadata,
+            timeout=self.backends.config.request_timeout_secs)
         completed = False
         pending: list[int] = []
         try:

@@ -8,6 +8,7 @@ as tenants, a dead history service, a gateway restart in the middle of a respons
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -641,6 +642,36 @@ def test_non_stream_disconnect_cancels_the_generation(base_url: str, suite: Suit
         httpx.post(f"{base_url}/v1/chat/completions", json=LONG, trust_env=False, timeout=4)
     # The client hung up on a non-streaming request: the gateway cancels, the worker aborts.
     _wait_idle(suite, timeout=5)
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["split", "embedded"])
+def test_request_timeout_ends_the_generation_with_a_504(suite: Suite, embedded: bool) -> None:
+    """--request-timeout-secs 2: a 2000-token generation is cut at the deadline: 504 before
+    any output, an SSE error event after it started; either way the worker aborts it."""
+    flags = ["--request-timeout-secs", "2"]
+    if embedded:
+        flags += ["--router", "embedded", "--router-args",
+                  f"--worker-urls grpc://127.0.0.1:{suite.ports['worker-0']}",
+                  "--tokenizer", "embedded"]
+    _wait_idle(suite)
+    with gateway(suite, *flags) as url:
+        deadline = time.monotonic() + 30  # the embedded router has health-checked its worker
+        while httpx.get(f"{url}/readiness", trust_env=False, timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        started = time.monotonic()
+        reply = httpx.post(f"{url}/v1/chat/completions", json=LONG, trust_env=False,
+                           timeout=60)
+        assert reply.status_code == 504, reply.text
+        assert reply.json()["error"]["type"] == "timeout_error"
+        assert time.monotonic() - started < 15
+        _wait_idle(suite, timeout=10)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**LONG, "stream": True},
+                          trust_env=False, timeout=60) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert '"content"' in events[1] and '"error"' in events[-1], events[-3:]
+        assert json.loads(events[-1][6:])["error"]["type"] == "timeout_error"
+        _wait_idle(suite, timeout=10)
 
 
 def test_back_pressure_is_429_with_retry_after(suite: Suite) -> None:
