@@ -51,6 +51,8 @@ from services.router.worker_client import WorkerClient
 from services.router.workers import ConnectionMode, Health, Worker, WorkerRegistry, WorkerType
 
 log = logging.getLogger(__name__)
+
+PENDING_PROBE_SECS = 1.0  # how often a not-yet-ready worker is probed between regular checks
 tracer = trace.get_tracer("sglmesh.router")
 
 DOMAIN = "sglmesh.router"
@@ -703,11 +705,14 @@ class Router:
 
     # health and loads --------------------------------------------------------------------
 
-    async def _check(self, worker: Worker) -> None:
+    async def _check(self, worker: Worker, count_failure: bool = True) -> None:
         client = self._clients.get(worker.url)
         if client is None:
             return
         healthy, message = await client.health_check(self.config.health_check_timeout_secs)
+        if not healthy and not count_failure:
+            worker.consecutive_successes = 0  # not counted as a failure, but breaks the run
+            return
         metrics.HEALTH_CHECKS.labels(worker.url, "ok" if healthy else "failed").inc()
         if worker.record_health(healthy, message, self.config.health_success_threshold,
                                 self.config.health_failure_threshold):
@@ -724,9 +729,23 @@ class Router:
                              return_exceptions=True)
 
     async def _health_loop(self) -> None:
+        """Every worker every --health-check-interval-secs; in between, a worker still pending
+        (its registration checks failed: busy, still warming up) is probed every
+        PENDING_PROBE_SECS, so it serves as soon as it can instead of up to two intervals
+        later. Only its successes count there: the failures that decide a removal come from
+        the regular checks alone, as in SMG."""
+        interval = self.config.health_check_interval_secs
+        regular_at = time.monotonic() + interval
         while True:
-            await asyncio.sleep(self.config.health_check_interval_secs)
-            await self.check_all()
+            await asyncio.sleep(max(0.0, min(PENDING_PROBE_SECS, regular_at - time.monotonic())))
+            if time.monotonic() >= regular_at:
+                regular_at = time.monotonic() + interval
+                await self.check_all()
+                continue
+            pending = [w for w in self.registry.all() if w.health is Health.PENDING]
+            if pending:
+                await asyncio.gather(*(self._check(w, count_failure=False) for w in pending),
+                                     return_exceptions=True)
 
     async def poll_loads(self) -> None:
         """One GetLoads round over workers whose load is not pushed by their event stream."""

@@ -137,6 +137,16 @@ def test_one_trace_from_the_client_to_the_worker(suite: Suite, base_url: str) ->
         headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
     assert reply.status_code == 200
     path = Path(suite.config.trace_file)
+    def chain_from(span: dict[str, str]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """The (service, name) of each ancestor of ``span``, and the root it reached."""
+        chain = []
+        while span["parent_span_id"] in by_id:
+            span = by_id[span["parent_span_id"]]
+            chain.append((span["service"], span["name"]))
+        return chain, span
+
+    # Each process exports its spans in its own batches: wait until the worker's span and its
+    # whole chain up to the client's span are in the file.
     deadline = time.monotonic() + 15
     while True:
         spans = [s for s in map(json.loads, path.read_text().splitlines())
@@ -144,15 +154,14 @@ def test_one_trace_from_the_client_to_the_worker(suite: Suite, base_url: str) ->
         by_id = {s["span_id"]: s for s in spans}
         generate = [s for s in spans if s["service"] == "sglmesh-worker"
                     and s["name"].endswith("/Generate")]
-        if generate or time.monotonic() > deadline:
+        if generate and chain_from(generate[0])[1]["parent_span_id"] == client_span:
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert generate, spans
 
-    chain, span = [], generate[0]
-    while span["parent_span_id"] in by_id:
-        span = by_id[span["parent_span_id"]]
-        chain.append((span["service"], span["name"]))
+    chain, span = chain_from(generate[0])
     # worker Generate <- router.attempt (in the gateway process) <- ... <- the HTTP span,
     # whose parent is the client's span.
     assert chain[0] == ("sglmesh-gateway", "router.attempt"), chain

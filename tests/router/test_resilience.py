@@ -269,6 +269,42 @@ async def test_a_new_worker_passes_the_success_threshold_at_registration() -> No
         await generate(router, gen(range(5, 20), "first"))
 
 
+async def test_a_worker_that_fails_its_registration_checks_serves_once_it_can() -> None:
+    """Checks every 60 s, but a still-pending worker is probed every second in between: one
+    that was draining when it registered is routable about a second after it recovers.
+    Probe failures do not count toward its removal."""
+    from services.router.config import RouterConfig
+    from services.router.router import Router
+
+    async with sim_fleet(sim_config()) as (w,):
+        w.servicer.draining = True  # health checks fail: "draining"
+        router = Router(RouterConfig(worker_urls=[url(w)], policy="round_robin",
+                                     health_check_interval_secs=60,
+                                     remove_unhealthy_workers=True,
+                                     disable_load_monitoring=True))
+        await router.start()
+        try:
+            for _ in range(200):
+                worker = router.registry.get(url(w))
+                if worker is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert worker is not None and worker.health is Health.PENDING
+            failures = worker.consecutive_failures
+            await asyncio.sleep(2.5)  # two probes or more, all failing
+            assert worker.health is Health.PENDING and not worker.removing
+            assert worker.consecutive_failures == failures  # probes do not count failures
+            w.servicer.draining = False
+            for _ in range(50):
+                if worker.health is Health.READY:
+                    break
+                await asyncio.sleep(0.1)
+            assert worker.health is Health.READY  # two probe successes, well before 60 s
+            await generate(router, gen(range(5, 20), "after"))
+        finally:
+            await router.stop()
+
+
 async def test_unhealthy_workers_stay_without_the_flag() -> None:
     async with sim_fleet(sim_config(), sim_config()) as (a, b), \
             running_router([a, b], health_failure_threshold=1,
