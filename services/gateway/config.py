@@ -39,7 +39,9 @@ class GatewayConfig(ServiceConfig):
         [], help="Accepted API keys (Authorization: Bearer); each key is its own history tenant; "
                  "empty: no authentication, one tenant. Also --api-key KEY (repeatable) and env "
                  f"{API_KEYS_ENV} (comma-separated).")
-    request_timeout_secs: float = option(600.0, help="Upper bound on one request's duration.")
+    request_timeout_secs: float = option(
+        1800.0, help="Upper bound on one generation's duration (a gRPC deadline; 504, or an SSE "
+                     "error event once streaming; SMG's default).")
     max_payload_size: int = option(16 * 1024 * 1024,
                                    help="Largest accepted request body in bytes (413 above).")
     max_request_bytes: int = option(0, help="Deprecated alias of --max-payload-size.")
