@@ -192,18 +192,25 @@ class _StreamingCall(_Call):
     """A call whose responses come from the servicer's async generator, stepped by the reader.
 
     The generator runs in whichever task reads; ``cancel()`` from another task cancels the
-    reading task, which is what grpc.aio does to a pending read (CancelledError)."""
+    reading task, which is what grpc.aio does to a pending read (CancelledError). A deadline
+    (``timeout``) is one timer per call, armed by the first read: when it passes, the read in
+    flight (or the next one) raises DEADLINE_EXCEEDED and the generator is closed."""
 
     def __init__(self, method: str, metadata: Any, timeout: float | None) -> None:
         super().__init__(method, metadata, timeout)
         self._responses: AsyncIterator[Any] | None = None
         self._reader: asyncio.Task[Any] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expired = False
 
-    def cancel(self) -> bool:
-        if self._done:
-            return False
-        self.context.cancelled_flag = True
+    def _finish(self) -> None:
         self._done = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _interrupt(self) -> None:
+        """Ends the generator: cancel the read in flight, or close it if nobody is reading."""
         reader, current = self._reader, asyncio.current_task()
         if reader is not None and reader is not current and not reader.done():
             reader.cancel()  # the read in flight ends as CancelledError, the generator closes
@@ -211,36 +218,55 @@ class _StreamingCall(_Call):
             # Nobody is inside the generator: close it (runs its finally, e.g. an abort).
             closer = asyncio.ensure_future(self._responses.aclose())  # type: ignore[attr-defined]
             closer.add_done_callback(_log_close_error)
+
+    def cancel(self) -> bool:
+        if self._done:
+            return False
+        self.context.cancelled_flag = True
+        self._finish()
+        self._interrupt()
         return True
 
+    def _expire(self) -> None:
+        self._expiry = None
+        if not self._done:
+            self._expired = True
+            self._interrupt()
+            if self._reader is None:
+                self._finish()
+
+    @staticmethod
+    def _deadline_error() -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, Metadata(), Metadata(),
+                                    "Deadline Exceeded")
+
     async def read(self) -> Any:
+        if self._expired:
+            raise self._deadline_error()
         self._raise_if_cancelled()
         if self._done or self._responses is None:
             return grpc.aio.EOF
+        deadline = self.context.deadline
+        if deadline is not None and self._expiry is None:
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_at(loop.time() + deadline - time.monotonic(), self._expire)
         self._reader = asyncio.current_task()
         try:
-            deadline = self.context.deadline
-            if deadline is None:
-                return await anext(self._responses)
-            # A remote call's deadline ends it wherever it waits; so does this one's.
-            async with asyncio.timeout_at(asyncio.get_running_loop().time()
-                                          + deadline - time.monotonic()):
-                return await anext(self._responses)
-        except TimeoutError:
-            self._done = True
-            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, Metadata(), Metadata(),
-                                       "Deadline Exceeded") from None
+            return await anext(self._responses)
         except StopAsyncIteration:
-            self._done = True
+            self._finish()
             error = _status_error(self.context, self.method)
             if error is not None:
                 raise error from None
             return grpc.aio.EOF
         except asyncio.CancelledError:
-            self._done = True
+            self._finish()
+            if self._expired and self._reader is not None:
+                self._reader.uncancel()  # our own timer's cancel: the read fails instead
+                raise self._deadline_error() from None
             raise
         except Exception as exc:
-            self._done = True
+            self._finish()
             raise rpc_error(exc, self.method) from exc
         finally:
             self._reader = None

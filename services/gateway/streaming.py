@@ -75,27 +75,25 @@ KEEPALIVE_COMMENT = b": keepalive\n\n"
 
 
 class KeepAlive:
-    """Sends an SSE comment on a stream that has sent nothing for ``interval`` seconds, so that
+    """Sends an SSE comment on a stream that has sent nothing for a whole ``interval``, so that
     proxies with an idle timeout keep it open through a long queue wait or prefill (SMG's
-    --sse-keepalive-secs). One timer per stream; a task only when a comment is due."""
+    --sse-keepalive-secs). One timer per stream, ticking every ``interval``; the sender only
+    bumps ``frames`` (per-frame cost: one increment); a task only when a comment is due."""
 
     def __init__(self, send: Send, interval: float) -> None:
         self._send = send
         self.interval = interval
+        self.frames = 0
+        self._seen = 0
         self._loop = asyncio.get_running_loop()
-        self.last = self._loop.time()
         self._pending: asyncio.Task[None] | None = None
-        self._timer = self._loop.call_later(interval, self._due)
+        self._timer = self._loop.call_later(interval, self._tick)
 
-    def sent(self) -> None:
-        self.last = self._loop.time()
-
-    def _due(self) -> None:
-        idle = self._loop.time() - self.last
-        if idle >= self.interval and (self._pending is None or self._pending.done()):
+    def _tick(self) -> None:
+        if self.frames == self._seen and (self._pending is None or self._pending.done()):
             self._pending = self._loop.create_task(self._comment())
-            self.last, idle = self._loop.time(), 0.0
-        self._timer = self._loop.call_later(max(self.interval - idle, 0.01), self._due)
+        self._seen = self.frames
+        self._timer = self._loop.call_later(self.interval, self._tick)
 
     async def _comment(self) -> None:
         try:
@@ -138,7 +136,7 @@ class EventStreamResponse(Response):
                         await send({"type": "http.response.body", "more_body": True,
                                     "body": frame.encode() if isinstance(frame, str) else frame})
                         if keeper is not None:
-                            keeper.sent()
+                            keeper.frames += 1
                     if keeper is not None:
                         keeper.stop()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
