@@ -710,12 +710,9 @@ class Router:
         if client is None:
             return
         healthy, message = await client.health_check(self.config.health_check_timeout_secs)
-        if not healthy and not count_failure:
-            worker.consecutive_successes = 0  # not counted as a failure, but breaks the run
-            return
         metrics.HEALTH_CHECKS.labels(worker.url, "ok" if healthy else "failed").inc()
         if worker.record_health(healthy, message, self.config.health_success_threshold,
-                                self.config.health_failure_threshold):
+                                self.config.health_failure_threshold, count_failure):
             log.info("worker %s is now %s (%s)", worker.url, worker.health.value, message)
         if (self.config.remove_unhealthy_workers
                 and worker.should_remove(self.config.health_failure_threshold)

@@ -166,11 +166,13 @@ class Worker:
                 self.processed -= 1
 
     def record_health(self, healthy: bool, message: str, success_threshold: int,
-                      failure_threshold: int) -> bool:
+                      failure_threshold: int, count_failure: bool = True) -> bool:
         """Feeds one health-check result into the state machine; returns True on a change.
 
         pending/not-ready -> ready after ``success_threshold`` consecutive successes;
-        ready/pending -> not-ready after ``failure_threshold`` consecutive failures.
+        ready/pending -> not-ready after ``failure_threshold`` consecutive failures. A failure
+        with ``count_failure`` False (a probe between regular checks) only breaks a run of
+        successes: the failure counts that decide a removal stay the regular checks'.
         """
         before = self.health
         self.health_message = message
@@ -179,6 +181,8 @@ class Worker:
             self.consecutive_failures = 0
             if self.health is not Health.READY and self.consecutive_successes >= success_threshold:
                 self.health = Health.READY
+        elif not count_failure:
+            self.consecutive_successes = 0
         else:
             self.consecutive_failures += 1
             self.consecutive_successes = 0

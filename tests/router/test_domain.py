@@ -64,6 +64,19 @@ def test_load_guard_releases_on_error() -> None:
     assert worker.processed == 1
 
 
+def test_a_probe_failure_breaks_a_run_of_successes_without_counting() -> None:
+    worker = make_worker("grpc://w:1", health=Health.PENDING)
+    worker.record_health(False, "warming up", 2, 3)  # a regular check: counted
+    worker.record_health(True, "ok", 2, 3)
+    worker.record_health(False, "busy", 2, 3, count_failure=False)  # a probe
+    assert (worker.consecutive_successes, worker.consecutive_failures) == (0, 0)
+    assert worker.health is Health.PENDING and worker.health_message == "busy"
+    worker.record_health(True, "ok", 2, 3)
+    assert worker.health is Health.PENDING  # the probe broke the run: one success so far
+    worker.record_health(True, "ok", 2, 3)
+    assert worker.health is Health.READY
+
+
 def test_health_state_machine() -> None:
     worker = make_worker("grpc://w:1", health=Health.PENDING)
     assert worker.record_health(True, "ok", success_threshold=2, failure_threshold=2) is False
