@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import time
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,16 +45,20 @@ def namespace_seed(lora_name: str = "", cache_salt: str = "") -> int:
     return hash(("ns", lora_name, cache_salt))
 
 
-def prompt_chain(tokens: Sequence[int] | array, block_size: int, seed: int = 0) -> list[int]:
-    """Chain hashes of every full block of ``tokens``."""
+def chain_hashes(tokens: Sequence[int] | array, block_size: int,
+                 seed: int = 0) -> Iterator[int]:
+    """Chain hashes of the full blocks of ``tokens``, computed as they are consumed."""
     data = (tokens if isinstance(tokens, array) else array("I", tokens)).tobytes()
     step = 4 * block_size
-    hashes = []
     parent = seed
     for start in range(0, len(data) - step + 1, step):
         parent = hash((parent, data[start:start + step]))
-        hashes.append(parent)
-    return hashes
+        yield parent
+
+
+def prompt_chain(tokens: Sequence[int] | array, block_size: int, seed: int = 0) -> list[int]:
+    """Chain hashes of every full block of ``tokens``."""
+    return list(chain_hashes(tokens, block_size, seed))
 
 
 @dataclass
@@ -219,6 +223,14 @@ class KvIndex:
     def match(self, tokens: Sequence[int] | array, urls: Iterable[str] | None = None,
               seed: int = 0) -> dict[str, int]:
         """Cached leading tokens of ``tokens`` per worker (only workers with a match)."""
+        if not self.block_size:
+            return {}
+        return self.match_chain(chain_hashes(tokens, self.block_size, seed), urls)
+
+    def match_chain(self, chain: Iterable[int], urls: Iterable[str] | None = None
+                    ) -> dict[str, int]:
+        """:meth:`match` for a prompt whose chain hashes the caller already has
+        (:func:`prompt_chain`), so they are not computed twice."""
         if not self.block_size or not self._holders:
             return {}
         if urls is None:
@@ -231,16 +243,12 @@ class KvIndex:
                     wanted |= state.bit
             if not wanted:
                 return {}
-        data = (tokens if isinstance(tokens, array) else array("I", tokens)).tobytes()
-        step = 4 * self.block_size
         holders = self._holders
         alive = wanted
         depth = 0
         dropped: list[tuple[int, int]] = []  # (mask of workers that stopped, their depth)
-        parent = seed
-        for start in range(0, len(data) - step + 1, step):
-            parent = hash((parent, data[start:start + step]))
-            now = alive & holders.get(parent, 0)
+        for chash in chain:
+            now = alive & holders.get(chash, 0)
             if now != alive:
                 if depth:
                     dropped.append((alive & ~now, depth))

@@ -347,14 +347,19 @@ class DispatchBookings:
         self._expire(self._clock())
         result: dict[str, int] = {}
         alive: set[str] | None = None
-        for depth, chash in enumerate(chain):
-            holders = self._holders.get(chash)
-            current = set(holders) if holders else set()
-            alive = current if alive is None else alive & current
-            if not alive:
+        by_block = self._holders
+        for depth, chash in enumerate(chain, 1):
+            holders = by_block.get(chash)
+            if not holders:
                 break
+            if alive is None:
+                alive = set(holders)
+            else:
+                alive.intersection_update(holders)  # in place: no new set per block
+                if not alive:
+                    break
             for url in alive:
-                result[url] = (depth + 1) * block_size
+                result[url] = depth * block_size
         return result
 
     def forget(self, url: str) -> None:
@@ -448,11 +453,12 @@ class CacheAwarePolicy(PolicyBase):
             # Precise: cached prefix per worker from the event index; workers without live
             # events are scored from the tree (computed only if such a worker is offered).
             assert index is not None
-            scores = index.match(tokens)
+            scores: dict[str, int] = {}
             if index.block_size:
+                chain = prompt_chain(tokens, index.block_size)
+                scores = index.match_chain(chain)
                 # Prompts dispatched moments ago are cached by the time they prefill, but no
                 # event says so yet: count them for the worker they went to.
-                chain = prompt_chain(tokens, index.block_size)
                 for url, booked in self.bookings.match(chain, index.block_size).items():
                     if booked > scores.get(url, 0):
                         scores[url] = booked
