@@ -96,6 +96,17 @@ def _timed_step(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
     return delta
 
 
+def _step_inline(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
+                 finished: bool) -> StreamDelta:
+    try:
+        return _timed_step(spec, session, ids, finished)
+    except Exception as exc:
+        mapped = to_service_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, core: TokenizerCore, executor: ThreadPoolExecutor,
                  worker_timeout: float = 60.0, inline_max_bytes: int = 8192) -> None:
@@ -216,73 +227,100 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.DecodeStreamResponse]:
-        with measured("DecodeStream"):
-            async for response in self._decode_stream(request_iterator):
-                yield response
-
-    @staticmethod
-    def _step_inline(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
-                     finished: bool) -> StreamDelta:
+        stream = DecodeStreamHandler(self)
+        ok = False
         try:
-            return _timed_step(spec, session, ids, finished)
-        except Exception as exc:
-            mapped = to_service_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+            async for request in request_iterator:
+                response = await stream.handle(request)
+                if response is not None:
+                    yield response
+            ok = True
+        finally:
+            stream.finish(ok)
 
-    async def _decode_stream(
-        self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
-    ) -> AsyncIterator[pb.DecodeStreamResponse]:
-        spec: DecodeStreamSpec | None = None
-        sessions: dict[int, DecodeSession] = {}
-        async for request in request_iterator:
+    def open_decode_stream(self) -> DecodeStreamHandler:
+        """A DecodeStream's state, answered one request at a time (the in-process fast path,
+        ``services.common.inprocess.LockstepCall``, drives it without the stream plumbing)."""
+        return DecodeStreamHandler(self)
+
+    # Bidi methods whose every request gets at most one answer, computed when it is read.
+    lockstep_methods = {"DecodeStream": "open_decode_stream"}
+
+
+class DecodeStreamHandler:
+    """One DecodeStream: a start (validated, optionally rendering the chat), then token chunks
+    decoded per choice index. ``handle`` answers one request: the rendered prompt for a start
+    that renders, a decoded delta for tokens, None for a plain start."""
+
+    def __init__(self, service: TokenizerService) -> None:
+        self._service = service
+        self._spec: DecodeStreamSpec | None = None
+        self._sessions: dict[int, DecodeSession] = {}
+        self._started = time.perf_counter()
+        self._tokens = child(metrics.TOKENS, "DecodeStream")
+
+    async def handle(self, request: pb.DecodeStreamRequest) -> pb.DecodeStreamResponse | None:
+        if self._spec is None:
+            return await self._start(request)
+        msg = request.tokens
+        if not request.HasField("tokens"):
             kind = request.WhichOneof("request")
-            if spec is None:
-                if kind != "start":
-                    raise invalid_argument("start", "the first DecodeStream message must be start")
-                start = request.start
-                context_ids, reasoning_open = list(start.prompt_token_ids), start.reasoning_open
-                if start.HasField("render"):
-                    prompt, ids = await self._render(start.render)
-                    context_ids = ids[-PROMPT_CONTEXT_TOKENS:]
-                    # Whichever parser applies (named here or the service's default) starts
-                    # inside the reasoning block the template opened; without one it is unused.
-                    reasoning_open = opens_reasoning(prompt)
-                    yield pb.DecodeStreamResponse(
-                        rendered=pb.RenderChatResponse(prompt=prompt, token_ids=ids))
-                options = DecodeOptions(
-                    skip_special_tokens=(start.skip_special_tokens
-                                         if start.HasField("skip_special_tokens") else True),
-                    stop=list(start.stop), no_stop_trim=start.no_stop_trim,
-                    prompt_token_ids=context_ids,
-                )
-                spec = await self._run_sized(start.ByteSize(), self.core.open_stream,
-                                             start.model, options, start.reasoning_parser,
-                                             start.tool_parser, reasoning_open,
-                                             [from_struct(t) for t in start.tools])
-                continue
-            if kind != "tokens":
-                raise invalid_argument("start" if kind == "start" else "request",
-                                       "start may only be sent once, as the first message")
-            msg = request.tokens
-            session = sessions.get(msg.index)
-            if session is None:
-                session = sessions[msg.index] = spec.new_session()
-            ids = list(msg.token_ids)
-            if len(ids) <= self.inline_max_tokens and self.inline_max_bytes:
-                delta = self._step_inline(spec, session, ids, msg.finished)
-            else:
-                delta = await self._run(_timed_step, spec, session, ids, msg.finished)
-            child(metrics.TOKENS, "DecodeStream").inc(len(msg.token_ids))
-            calls = [pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
-                                      arguments=c.arguments) for c in delta.tool_calls]
-            new_calls = sum(1 for c in delta.tool_calls if c.name)
-            if new_calls:
-                metrics.TOOL_CALLS.labels(spec.tool_parser).inc(new_calls)
-            yield pb.DecodeStreamResponse(
+            raise invalid_argument("start" if kind == "start" else "request",
+                                   "start may only be sent once, as the first message")
+        session = self._sessions.get(msg.index)
+        if session is None:
+            session = self._sessions[msg.index] = self._spec.new_session()
+        ids = list(msg.token_ids)
+        service = self._service
+        if len(ids) <= service.inline_max_tokens and service.inline_max_bytes:
+            delta = _step_inline(self._spec, session, ids, msg.finished)
+        else:
+            delta = await service._run(_timed_step, self._spec, session, ids, msg.finished)
+        self._tokens.inc(len(ids))
+        if not delta.tool_calls:
+            return pb.DecodeStreamResponse(
                 index=msg.index, text=delta.text, reasoning_text=delta.reasoning_text,
-                stopped=delta.stopped, matched_stop=delta.matched_stop, tool_calls=calls)
+                stopped=delta.stopped, matched_stop=delta.matched_stop)
+        calls = [pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
+                                  arguments=c.arguments) for c in delta.tool_calls]
+        new_calls = sum(1 for c in delta.tool_calls if c.name)
+        if new_calls:
+            metrics.TOOL_CALLS.labels(self._spec.tool_parser).inc(new_calls)
+        return pb.DecodeStreamResponse(
+            index=msg.index, text=delta.text, reasoning_text=delta.reasoning_text,
+            stopped=delta.stopped, matched_stop=delta.matched_stop, tool_calls=calls)
+
+    async def _start(self, request: pb.DecodeStreamRequest) -> pb.DecodeStreamResponse | None:
+        if not request.HasField("start"):
+            raise invalid_argument("start", "the first DecodeStream message must be start")
+        start = request.start
+        service = self._service
+        context_ids, reasoning_open = list(start.prompt_token_ids), start.reasoning_open
+        response = None
+        if start.HasField("render"):
+            prompt, ids = await service._render(start.render)
+            context_ids = ids[-PROMPT_CONTEXT_TOKENS:]
+            # Whichever parser applies (named here or the service's default) starts inside
+            # the reasoning block the template opened; without one it is unused.
+            reasoning_open = opens_reasoning(prompt)
+            response = pb.DecodeStreamResponse(
+                rendered=pb.RenderChatResponse(prompt=prompt, token_ids=ids))
+        options = DecodeOptions(
+            skip_special_tokens=(start.skip_special_tokens
+                                 if start.HasField("skip_special_tokens") else True),
+            stop=list(start.stop), no_stop_trim=start.no_stop_trim,
+            prompt_token_ids=context_ids,
+        )
+        self._spec = await service._run_sized(
+            start.ByteSize(), service.core.open_stream, start.model, options,
+            start.reasoning_parser, start.tool_parser, reasoning_open,
+            [from_struct(t) for t in start.tools])
+        return response
+
+    def finish(self, ok: bool) -> None:
+        """Counts the stream by outcome and observes its duration."""
+        child(metrics.REQUESTS, "DecodeStream", "ok" if ok else "error").inc()
+        child(metrics.LATENCY, "DecodeStream").observe(time.perf_counter() - self._started)
 
 
 def build_service(config: TokenizerConfig, executor: ThreadPoolExecutor) -> TokenizerService:

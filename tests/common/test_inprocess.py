@@ -126,3 +126,119 @@ async def test_bidi_write_read_and_half_close(stub: Any, counter: Counter) -> No
     await call.done_writing()
     assert call.done() and counter.ended == ["echo"]
     assert await call.read() is grpc.aio.EOF
+
+
+class Summing:
+    """A lockstep stream: 0 opens it (no answer), then each value is answered with the running
+    sum; a negative value is a bad request; 99 waits until released."""
+
+    def __init__(self, ended: list[str], release: asyncio.Event) -> None:
+        self.total: int | None = None
+        self.ended = ended
+        self.release = release
+
+    async def handle(self, request: int) -> int | None:
+        if self.total is None:
+            self.total = 0
+            return None
+        if request < 0:
+            raise invalid_argument("value", "value must be >= 0")
+        if request == 99:
+            await self.release.wait()
+        self.total += request
+        return self.total
+
+    def finish(self, ok: bool) -> None:
+        self.ended.append("ok" if ok else "failed")
+
+
+class Summer:
+    lockstep_methods = {"Sum": "open_sum"}
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+        self.release = asyncio.Event()
+
+    def open_sum(self) -> Summing:
+        return Summing(self.ended, self.release)
+
+    async def Sum(self, requests: AsyncIterator[int], context: Any) -> AsyncIterator[int]:
+        raise AssertionError("the in-process stub calls open_sum, not the generator")
+        yield 0  # pragma: no cover
+
+
+def _add_summer(servicer: Summer, server: Any) -> None:
+    handlers = {"Sum": grpc.stream_stream_rpc_method_handler(servicer.Sum)}
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+@pytest.fixture
+def summer() -> Summer:
+    return Summer()
+
+
+@pytest.fixture
+def sum_stub(summer: Summer) -> Any:
+    return LocalStub(_add_summer, summer, SERVICE)
+
+
+async def test_lockstep_answers_each_write_and_ends_on_half_close(sum_stub: Any,
+                                                                    summer: Summer) -> None:
+    call = sum_stub.Sum(metadata=(("x-request-id", "r1"),))
+    await call.write(0)  # the opening: no answer of its own
+    await call.write(2)
+    assert await call.read() == 2
+    await call.write(3)
+    assert await call.read() == 5
+    assert summer.ended == []
+    await call.done_writing()
+    assert call.done() and summer.ended == ["ok"]
+    assert await call.read() is grpc.aio.EOF
+    with pytest.raises(asyncio.InvalidStateError):
+        await call.write(1)
+
+
+async def test_lockstep_read_before_write_waits_for_it(sum_stub: Any) -> None:
+    call = sum_stub.Sum()
+    await call.write(0)
+    reader = asyncio.ensure_future(call.read())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not reader.done()
+    await call.write(7)
+    assert await asyncio.wait_for(reader, 5) == 7
+
+
+async def test_lockstep_error_is_the_remote_status_and_ends_the_stream(
+        sum_stub: Any, summer: Summer) -> None:
+    call = sum_stub.Sum()
+    await call.write(0)
+    await call.write(-1)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call.read()
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(exc.value).metadata["field"] == "value"
+    assert call.done() and summer.ended == ["failed"]
+
+
+async def test_lockstep_cancel_ends_a_waiting_read_once(sum_stub: Any, summer: Summer) -> None:
+    call = sum_stub.Sum()
+    await call.write(0)
+    await call.write(99)  # handled, and blocked, inside the read
+    reader = asyncio.ensure_future(call.read())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert call.cancel() and not call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert call.cancelled() and summer.ended == ["failed"]
+
+
+async def test_lockstep_deadline_fails_the_read(sum_stub: Any, summer: Summer) -> None:
+    call = sum_stub.Sum(timeout=0.05)
+    await call.write(0)
+    await call.write(99)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call.read()
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert summer.ended == ["failed"]
