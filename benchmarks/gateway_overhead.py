@@ -204,7 +204,7 @@ def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def start_embedded(start: Callable[..., Proc], wport: int, router: bool = True,
+def start_embedded(start: Callable[..., Proc], wport: int, policy: str, router: bool = True,
                    root: Path = ROOT, label: str = "") -> tuple[str, dict[str, int]]:
     """A gateway from the source tree ``root`` with the tokenizer embedded, and the router too
     (``router``) or as its own process: (base url, pids)."""
@@ -212,12 +212,13 @@ def start_embedded(start: Callable[..., Proc], wport: int, router: bool = True,
     pids: dict[str, int] = {}
     if router:
         label, router_args = label or "embedded", [
-            "--router", "embedded", "--router-args", f"--worker-urls grpc://127.0.0.1:{wport}"]
+            "--router", "embedded", "--router-args",
+            f"--worker-urls grpc://127.0.0.1:{wport} --policy {policy}"]
     else:
         rport = free_port()
         proc = start("tok-embedded-router", [
             "-m", "services.router", "--port", str(rport), "--worker-urls",
-            f"grpc://127.0.0.1:{wport}", "--log-level", "warning"])
+            f"grpc://127.0.0.1:{wport}", "--policy", policy, "--log-level", "warning"])
         wait_grpc(f"127.0.0.1:{rport}", proc)
         pids["router"] = proc.proc.pid
         label, router_args = "tok-embedded", ["--router", f"127.0.0.1:{rport}"]
@@ -229,13 +230,13 @@ def start_embedded(start: Callable[..., Proc], wport: int, router: bool = True,
     return base, {"gateway": gateway.proc.pid, **pids}
 
 
-def start_stack(start: Callable[..., Proc], label: str, root: Path, wport: int
+def start_stack(start: Callable[..., Proc], label: str, root: Path, wport: int, policy: str
                 ) -> tuple[str, dict[str, int]]:
     """gateway + tokenizer + router from the source tree ``root``: (base url, pids)."""
     rport, tport, gport = free_port(), free_port(), free_port()
     router = start(f"{label}-router", ["-m", "services.router", "--port", str(rport),
                                        "--worker-urls", f"grpc://127.0.0.1:{wport}",
-                                       "--log-level", "warning"], root)
+                                       "--policy", policy, "--log-level", "warning"], root)
     tokenizer = start(f"{label}-tokenizer", ["-m", "services.tokenizer", "--port", str(tport),
                                              "--log-level", "warning"], root)
     wait_grpc(f"127.0.0.1:{rport}", router)
@@ -272,22 +273,23 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             "--max-running-requests", "256", "--stream-interval", str(args.stream_interval),
             "--log-level", "warning"])
         wait_grpc(f"127.0.0.1:{wport}", worker)
-        base, serving = start_stack(start, "sglmesh", ROOT, wport)
+        base, serving = start_stack(start, "sglmesh", ROOT, wport, args.policy)
         tport = serving.pop("tport")
         baseline_base, baseline_pids = "", {}
         if args.baseline:
             baseline_base, baseline_pids = start_stack(
-                start, "baseline", Path(args.baseline).resolve(), wport)
+                start, "baseline", Path(args.baseline).resolve(), wport, args.policy)
             baseline_pids.pop("tport")
         embedded_base, embedded_pids = "", {}
         tok_base, tok_pids = "", {}
         if args.embedded:
-            embedded_base, embedded_pids = start_embedded(start, wport)
-            tok_base, tok_pids = start_embedded(start, wport, router=False)
+            embedded_base, embedded_pids = start_embedded(start, wport, args.policy)
+            tok_base, tok_pids = start_embedded(start, wport, args.policy, router=False)
         base_emb_base, base_emb_pids = "", {}
         if args.embedded and args.baseline:
             base_emb_base, base_emb_pids = start_embedded(
-                start, wport, root=Path(args.baseline).resolve(), label="baseline-embedded")
+                start, wport, args.policy, root=Path(args.baseline).resolve(),
+                label="baseline-embedded")
         bare_base, bare_pids = "", {}
         if args.floor:
             bare_port = free_port()
@@ -302,7 +304,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             sport = free_port()
             smg = start("smg", [
                 "-m", "smg.launch_router", "--host", "127.0.0.1", "--port", str(sport),
-                "--worker-urls", f"grpc://127.0.0.1:{wport}", "--policy", "round_robin",
+                "--worker-urls", f"grpc://127.0.0.1:{wport}", "--policy", args.policy,
                 "--model-path", str(model_dir), "--prometheus-host", "127.0.0.1",
                 "--prometheus-port", str(free_port()), "--log-level", "warn"])
             smg_base = f"http://127.0.0.1:{sport}"
@@ -468,6 +470,9 @@ def main() -> None:
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="the sim worker's tokens per streamed message (every path reads "
                              "the same worker)")
+    parser.add_argument("--policy", default="cache_aware",
+                        help="load-balancing policy of every router, SMG's included (both "
+                             "default to cache_aware)")
     parser.add_argument("--smg", action="store_true", help="also measure smg.launch_router")
     parser.add_argument("--floor", action="store_true",
                         help="also measure a bare FastAPI app and the Python gRPC client")

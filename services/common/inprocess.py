@@ -272,15 +272,14 @@ class _StreamingCall(_Call):
         finally:
             self._reader = None
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
+    def __aiter__(self) -> _StreamingCall:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Any]:
-        while True:
-            response = await self.read()
-            if response is grpc.aio.EOF:
-                return
-            yield response
+    async def __anext__(self) -> Any:
+        response = await self.read()
+        if response is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return response
 
 
 def _log_close_error(task: asyncio.Future[Any]) -> None:

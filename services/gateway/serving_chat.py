@@ -754,12 +754,14 @@ async def _gather(coros: Any) -> list[Any]:
             task.cancel()
 
 
-async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
     """Interleaves the choices' deltas as they come; the first failure ends all of them."""
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
-        return
+        return streams[0]  # n = 1: no relay of its own
+    return _interleave(streams)
+
+
+async def _interleave(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
     queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[Delta]) -> None:
