@@ -245,13 +245,34 @@ class _StreamingCall(_Call):
         if self._expired:
             raise self._deadline_error()
         self._raise_if_cancelled()
-        if self._done or self._responses is None:
+        if self._done:
             return grpc.aio.EOF
         deadline = self.context.deadline
         if deadline is not None and self._expiry is None:
             loop = asyncio.get_running_loop()
             self._expiry = loop.call_at(loop.time() + deadline - time.monotonic(), self._expire)
         self._reader = asyncio.current_task()
+        try:
+            return await self._next()
+        except asyncio.CancelledError:
+            self._finish()
+            if self._expired and self._reader is not None:
+                self._reader.uncancel()  # our own timer's cancel: the read fails instead
+                raise self._deadline_error() from None
+            raise
+        except grpc.aio.AioRpcError:
+            self._finish()
+            raise
+        except Exception as exc:
+            self._finish()
+            raise rpc_error(exc, self.method) from exc
+        finally:
+            self._reader = None
+
+    async def _next(self) -> Any:
+        """The next response (EOF at the end), read in the reading task."""
+        if self._responses is None:
+            return grpc.aio.EOF
         try:
             return await anext(self._responses)
         except StopAsyncIteration:
@@ -260,17 +281,6 @@ class _StreamingCall(_Call):
             if error is not None:
                 raise error from None
             return grpc.aio.EOF
-        except asyncio.CancelledError:
-            self._finish()
-            if self._expired and self._reader is not None:
-                self._reader.uncancel()  # our own timer's cancel: the read fails instead
-                raise self._deadline_error() from None
-            raise
-        except Exception as exc:
-            self._finish()
-            raise rpc_error(exc, self.method) from exc
-        finally:
-            self._reader = None
 
     def __aiter__(self) -> _StreamingCall:
         return self
@@ -386,43 +396,21 @@ class LockstepCall(_StreamingCall):
             except grpc.aio.AioRpcError:
                 pass
 
-    async def read(self) -> Any:
-        if self._expired:
-            raise self._deadline_error()
-        self._raise_if_cancelled()
-        if self._done:
-            return grpc.aio.EOF
-        deadline = self.context.deadline
-        if deadline is not None and self._expiry is None:
-            loop = asyncio.get_running_loop()
-            self._expiry = loop.call_at(loop.time() + deadline - time.monotonic(), self._expire)
-        self._reader = asyncio.current_task()
-        try:
-            while True:
-                if self._pending:
-                    response = await self._handler.handle(self._pending.popleft())
-                    if response is not None:
-                        return response
-                elif self._closed_writing:
-                    self._finish(ok=True)
-                    return grpc.aio.EOF
-                else:  # a read before the next write: wait for it
-                    self._wakeup = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._wakeup
-                    finally:
-                        self._wakeup = None
-        except asyncio.CancelledError:
-            self._finish()
-            if self._expired and self._reader is not None:
-                self._reader.uncancel()  # our own timer's cancel: the read fails instead
-                raise self._deadline_error() from None
-            raise
-        except Exception as exc:
-            self._finish()
-            raise rpc_error(exc, self.method) from exc
-        finally:
-            self._reader = None
+    async def _next(self) -> Any:
+        while True:
+            if self._pending:
+                response = await self._handler.handle(self._pending.popleft())
+                if response is not None:
+                    return response
+            elif self._closed_writing:
+                self._finish(ok=True)
+                return grpc.aio.EOF
+            else:  # a read before the next write: wait for it
+                self._wakeup = asyncio.get_running_loop().create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
 
 
 class _Capture:
