@@ -61,6 +61,9 @@ class ChatCompletionRequest(OpenAIModel):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     stop_token_ids: list[int] | None = None
+    # Tokens per streamed worker message after the first (SGLang's per-request
+    # stream_interval); None: the worker's own --stream-interval.
+    stream_interval: int | None = Field(None, ge=1)
     separate_reasoning: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -197,6 +200,7 @@ class CompletionRequest(OpenAIModel):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     stop_token_ids: list[int] | None = None
+    stream_interval: int | None = Field(None, ge=1)
     regex: str | None = None
 
     _stop_list = field_validator("stop")(ChatCompletionRequest._stop_list.__func__)  # type: ignore[attr-defined]

@@ -574,6 +574,8 @@ class ChatCompletionService:
             )
             if max_new is not None:
                 sampling.max_new_tokens = max_new
+            if request.stream_interval is not None:
+                sampling.stream_interval = request.stream_interval
             if request.seed is not None:
                 sampling.custom_params.update({"seed": request.seed + index})
             if constraint is not None:

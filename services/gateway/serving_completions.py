@@ -341,7 +341,7 @@ def _required_str(body: dict[str, Any], key: str) -> str:
 
 _NATIVE_FLOATS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
                   "repetition_penalty")
-_NATIVE_INTS = ("top_k", "max_new_tokens", "min_new_tokens")
+_NATIVE_INTS = ("top_k", "max_new_tokens", "min_new_tokens", "stream_interval")
 _NATIVE_BOOLS = ("skip_special_tokens", "ignore_eos", "no_stop_trim",
                  "spaces_between_special_tokens")
 
@@ -365,6 +365,8 @@ def native_sampling(params: dict[str, Any]) -> pb.SamplingParams:
         elif key in _NATIVE_INTS:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise invalid(param, f"Invalid '{param}': expected an integer.")
+            if key == "stream_interval" and value < 1:
+                raise invalid(param, f"Invalid '{param}': must be at least 1, got {value}.")
             setattr(sampling, key, value)
         elif key in _NATIVE_BOOLS:
             setattr(sampling, key, bool(value))
@@ -418,6 +420,8 @@ def completion_sampling(request: CompletionRequest) -> pb.SamplingParams:
         logit_bias=dict(request.logit_bias or {}))
     if request.max_tokens is not None:
         sampling.max_new_tokens = request.max_tokens
+    if request.stream_interval is not None:
+        sampling.stream_interval = request.stream_interval
     if request.regex is not None:
         sampling.regex = request.regex
     return sampling

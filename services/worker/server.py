@@ -190,6 +190,9 @@ def sampling_options(request: pb.GenerateRequest, context_length: int,
         raise invalid_argument("sampling_params.min_new_tokens",
                                f"min_new_tokens ({sp.min_new_tokens}) exceeds max_new_tokens "
                                f"({max_new})")
+    if sp.HasField("stream_interval") and sp.stream_interval < 1:
+        raise invalid_argument("sampling_params.stream_interval",
+                               f"stream_interval must be >= 1, got {sp.stream_interval}")
     bad_stop = [t for t in sp.stop_token_ids if t >= vocab_size]
     if bad_stop:
         raise invalid_argument("sampling_params.stop_token_ids",
@@ -372,8 +375,11 @@ class WorkerServicer(pb_grpc.SglangSchedulerServicer):
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         first_token: set[int] = set()
         inputs: dict[int, TokenLogprobs | None] = {}
-        held: dict[int, EngineOutput] = {}  # per sample: tokens waiting for --stream-interval
-        interval = self.config.stream_interval
+        held: dict[int, EngineOutput] = {}  # per sample: tokens waiting for the stream interval
+        # The request's own interval (SGLang's per-request sampling param), else the worker's.
+        sp = request.sampling_params
+        interval = (sp.stream_interval if sp.HasField("stream_interval")
+                    else self.config.stream_interval)
         try:
             stream = engine.generate(request_id, list(request.tokenized.input_ids), options)
             async with contextlib.aclosing(stream):

@@ -107,6 +107,24 @@ def test_stream_equals_non_stream(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in chunks)  # no usage unless asked
 
 
+def test_stream_interval_sends_fewer_larger_chunks(client: openai.OpenAI) -> None:
+    """SGLang's per-request stream_interval (an extra field): the worker sends the first token
+    at once, then 4 per message, so at most 1 + 5 content chunks carry the same 20 tokens of
+    text that one chunk per token does."""
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+
+    def stream(**extra: object) -> list[str]:
+        chunks = client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=20, stream=True,
+            extra_body=extra)
+        return [c.choices[0].delta.content for c in chunks
+                if c.choices and c.choices[0].delta.content]
+
+    each, grouped = stream(), stream(stream_interval=4)
+    assert "".join(grouped) == "".join(each)
+    assert len(each) > 10 and len(grouped) <= 6
+
+
 def test_stream_usage_only_when_asked(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=FRANCE, temperature=0, stream=True,
@@ -141,6 +159,7 @@ def test_stop_string_is_not_emitted(client: openai.OpenAI) -> None:
     ({"model": MODEL, "messages": [{"role": "user"}], "top_p": -1}, 400, "top_p"),
     ({"model": "no-such-model", "messages": FRANCE}, 404, "model"),
     ({"model": MODEL, "messages": FRANCE, "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": FRANCE, "stream_interval": 0}, 400, "stream_interval"),
 ])
 def test_bad_requests_name_the_parameter(base_url: str, body: dict, status: int,
                                          param: str) -> None:

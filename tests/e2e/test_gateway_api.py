@@ -386,11 +386,17 @@ def test_completions(client: openai.OpenAI, base_url: str) -> None:
                                               temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == one.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "length"
+    grouped = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
+                                             temperature=0, stream=True,
+                                             extra_body={"stream_interval": 4}))
+    assert "".join(c.choices[0].text for c in grouped) == one.choices[0].text
+    assert len(grouped) < len(streamed)
 
 
 @pytest.mark.parametrize(("extra", "param"), [
     ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"logprobs": 2}, "logprobs"),
     ({"prompt": []}, "prompt"), ({"prompt": [1, "a"]}, "prompt"), ({"regex": "("}, "regex"),
+    ({"stream_interval": 0}, "stream_interval"),
 ])
 def test_completions_rejects_clearly(base_url: str, extra: dict, param: str) -> None:
     reply = httpx.post(f"{base_url}/v1/completions", trust_env=False, timeout=30,
@@ -416,6 +422,16 @@ def test_native_generate(base_url: str, client: openai.OpenAI) -> None:
                      json={"text": PROMPT, "sampling_params": {"max_new_tokenz": 4}})
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "sampling_params.max_new_tokenz"
+    # SGLang's per-request stream interval: the same text in fewer streamed events.
+    grouped = httpx.post(f"{base_url}/generate", trust_env=False, timeout=60, json={
+        **body, "stream": True, "sampling_params": {**body["sampling_params"],
+                                                    "stream_interval": 4}}).text
+    events = grouped.strip().split("\n\n")
+    assert _json.loads(events[-2][6:])["text"] == expected and len(events) < len(lines)
+    zero = httpx.post(f"{base_url}/generate", trust_env=False, timeout=30, json={
+        "text": PROMPT, "sampling_params": {"stream_interval": 0}})
+    assert zero.status_code == 400
+    assert zero.json()["error"]["param"] == "sampling_params.stream_interval"
 
 
 def test_tokenize_detokenize(base_url: str) -> None:

@@ -319,3 +319,26 @@ async def test_stream_interval_sends_the_first_token_then_n_per_message() -> Non
     assert [len(c.output_logprobs.token_logprobs) for c in chunks] == [1, 4, 4, 1]
     assert ([v for c in chunks for v in c.output_logprobs.token_logprobs]
             == [v for r in each[:-1] for v in r.chunk.output_logprobs.token_logprobs])
+
+
+async def test_a_requests_stream_interval_overrides_the_workers() -> None:
+    """SGLang's per-request ``sampling_params.stream_interval``: 3 on a worker started with 1
+    gives 1 + 3 + 3 + 3; 1 on a worker started with 4 gives one message per token; < 1 is a
+    bad request naming the field."""
+    ids = list(range(20, 60))
+
+    def request(rid: str, interval: int) -> pb.GenerateRequest:
+        req = gen(ids, rid, max_new=10)
+        req.sampling_params.stream_interval = interval
+        return req
+
+    async with worker() as (_, stub):
+        replies = [r async for r in stub.Generate(request("three", 3))]
+        assert [len(r.chunk.token_ids) for r in replies if r.HasField("chunk")] == [1, 3, 3, 3]
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            [r async for r in stub.Generate(request("zero", 0))]
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "stream_interval" in exc.value.details()
+    async with worker(stream_interval=4) as (_, stub):
+        replies = [r async for r in stub.Generate(request("one", 1))]
+        assert [len(r.chunk.token_ids) for r in replies if r.HasField("chunk")] == [1] * 10
