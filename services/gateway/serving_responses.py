@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # Chat parameter names -> the Responses names a client sent.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input",
            "response_format": "text.format", "top_logprobs": "top_logprobs"}
+# Chat-completion fields a Responses request may carry as extras (SGLang's and OpenAI's).
+_CHAT_EXTRAS = ("ignore_eos", "min_tokens", "stop", "frequency_penalty", "presence_penalty",
+                "separate_reasoning", "stream_interval")
 
 
 @dataclass
@@ -240,12 +243,13 @@ class ResponsesService:
                 "parallel_tool_calls": request.parallel_tool_calls,
                 "response_format": _response_format(request.text),
                 "logprobs": bool(request.top_logprobs), "top_logprobs": request.top_logprobs,
-                **{k: v for k, v in (request.model_extra or {}).items()
-                   if k in ("ignore_eos", "min_tokens", "stop", "frequency_penalty",
-                            "presence_penalty", "separate_reasoning")},
+                **{k: v for k, v in (request.model_extra or {}).items() if k in _CHAT_EXTRAS},
             })
         except ValidationError as exc:
             first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else ""
+            if field in _CHAT_EXTRAS:  # the client's own extra field, named as sent
+                raise invalid(field, f"Invalid '{field}': {first['msg']}.") from exc
             raise invalid("input", f"Invalid 'input': {first['msg']}.") from exc
         response_id = new_id("resp")
         try:

@@ -237,6 +237,11 @@ def test_response_stream_events(client: openai.OpenAI, base_url: str) -> None:
     assert terminal == ["response.completed"] and types[-1] == "response.completed"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == whole.output_text
+    grouped = [e.delta for e in client.responses.create(
+        model=MODEL, input=FRANCE, temperature=0, max_output_tokens=10, stream=True,
+        store=False, extra_body={"stream_interval": 4}) if e.type == "response.output_text.delta"]
+    assert "".join(grouped) == text
+    assert len(grouped) < sum(e.type == "response.output_text.delta" for e in events)
     done = [e for e in events if e.type == "response.output_text.done"]
     assert len(done) == 1 and done[0].text == text
     final = events[-1].response
@@ -335,6 +340,8 @@ def test_background_response_and_cancel(client: openai.OpenAI) -> None:
     ({"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ({"input": "hi", "max_output_tokens": 100000}, 400, "max_output_tokens"),
     ({"input": "hi", "temperature": 5}, 400, "temperature"),
+    ({"input": "hi", "stream_interval": 0}, 400, "stream_interval"),
+    ({"input": "hi", "min_tokens": -1}, 400, "min_tokens"),
 ])
 def test_response_errors(base_url: str, body: dict, status: int, param: str | None) -> None:
     reply = httpx.post(f"{base_url}/v1/responses", json={"model": MODEL, **body},
