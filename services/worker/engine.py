@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import os
 import threading
@@ -151,6 +152,10 @@ class TorchEngine:
         model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.torch_dtype)
         self.model: Any = model.to(self.device)
         self.model.eval()
+        # transformers 5.2x renamed forward's past_key_values to cache (the old name goes in
+        # 5.40); the floor of our range (5.0) only knows the old one.
+        self._cache_kwarg = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
+                             else "past_key_values")
         self.load_seconds = time.monotonic() - start
         self.generation_config: Any = None
         try:
@@ -438,7 +443,8 @@ class TorchEngine:
             end > sample.options.logprob_start_len - 1
         chunk = torch.tensor([ids[begin:end]], dtype=torch.long, device=self.device)
         positions = torch.arange(begin, end, device=self.device).unsqueeze(0)
-        out = self.model(input_ids=chunk, position_ids=positions, past_key_values=sample.cache,
+        out = self.model(input_ids=chunk, position_ids=positions,
+                         **{self._cache_kwarg: sample.cache},
                          use_cache=True, logits_to_keep=0 if want_input else 1)
         logits = out.logits[0].float()
         if want_input:
@@ -525,8 +531,8 @@ class TorchEngine:
         position = sample.num_tokens - 1
         ids = torch.tensor([[sample.output_ids[-1]]], dtype=torch.long, device=self.device)
         positions = torch.tensor([[position]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=sample.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, position_ids=positions,
+                         **{self._cache_kwarg: sample.cache}, use_cache=True, logits_to_keep=1)
         self._accept(sample, out.logits[0, -1].float())
 
     def _batchable(self, sample: _Sample) -> bool:
@@ -567,7 +573,7 @@ class TorchEngine:
                            device=self.device)
         positions = torch.tensor([[n] for n in lengths], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=batch, use_cache=True, logits_to_keep=1)
+                         **{self._cache_kwarg: batch}, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         filled: list[Any] = list(batch.layers)
         for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
