@@ -304,12 +304,44 @@ class UnaryStreamCall(_StreamingCall):
         self._responses = behavior(request, self.context)
 
 
-class StreamStreamCall(_StreamingCall):
+class _BidiCall(_StreamingCall):
+    """The writing side shared by the bidirectional calls: ``_accept`` takes a request,
+    ``_end_input`` tells the servicer no more will come."""
+
+    def __init__(self, method: str, metadata: Any, timeout: float | None) -> None:
+        super().__init__(method, metadata, timeout)
+        self._closed_writing = False
+
+    def _accept(self, request: Any) -> None:
+        raise NotImplementedError
+
+    def _end_input(self) -> None:
+        raise NotImplementedError
+
+    async def write(self, request: Any) -> None:
+        self._raise_if_cancelled()
+        if self._done or self._closed_writing:
+            raise asyncio.InvalidStateError(f"{self.method}: the call is closed for writing")
+        self._accept(request)
+
+    async def done_writing(self) -> None:
+        if not self._closed_writing:
+            self._closed_writing = True
+            self._end_input()
+        if not self._done:
+            # Let the servicer see the end of input and finish (as a half-closed remote would).
+            try:
+                while (await self.read()) is not grpc.aio.EOF:
+                    pass
+            except grpc.aio.AioRpcError:
+                pass
+
+
+class StreamStreamCall(_BidiCall):
     def __init__(self, behavior: Callable[..., AsyncIterator[Any]], method: str, metadata: Any,
                  timeout: float | None) -> None:
         super().__init__(method, metadata, timeout)
         self._requests: asyncio.Queue[Any] = asyncio.Queue()
-        self._closed_writing = False
         self._responses = behavior(self._request_iterator(), self.context)
 
     async def _request_iterator(self) -> AsyncIterator[Any]:
@@ -319,23 +351,11 @@ class StreamStreamCall(_StreamingCall):
                 return
             yield request
 
-    async def write(self, request: Any) -> None:
-        self._raise_if_cancelled()
-        if self._done or self._closed_writing:
-            raise asyncio.InvalidStateError(f"{self.method}: the call is closed for writing")
+    def _accept(self, request: Any) -> None:
         self._requests.put_nowait(request)
 
-    async def done_writing(self) -> None:
-        if not self._closed_writing:
-            self._closed_writing = True
-            self._requests.put_nowait(_EOF)
-        if not self._done and self._responses is not None:
-            # Let the servicer see the end of input and finish (as a half-closed remote would).
-            try:
-                while (await self.read()) is not grpc.aio.EOF:
-                    pass
-            except grpc.aio.AioRpcError:
-                pass
+    def _end_input(self) -> None:
+        self._requests.put_nowait(_EOF)
 
 
 class LockstepHandler(Protocol):
@@ -349,7 +369,7 @@ class LockstepHandler(Protocol):
         """The stream ended: cleanly (``ok``), failed or cancelled. Called once."""
 
 
-class LockstepCall(_StreamingCall):
+class LockstepCall(_BidiCall):
     """A bidirectional call on a :class:`LockstepHandler`: a written request is handled when
     the caller reads, directly in the reading task, with no generator and no queue between
     caller and servicer (a third of StreamStreamCall's cost per message, which the gateway
@@ -360,7 +380,6 @@ class LockstepCall(_StreamingCall):
         super().__init__(method, metadata, timeout)
         self._handler = handler
         self._pending: deque[Any] = deque()
-        self._closed_writing = False
         self._wakeup: asyncio.Future[None] | None = None
 
     def _finish(self, ok: bool = False) -> None:
@@ -368,33 +387,16 @@ class LockstepCall(_StreamingCall):
             self._handler.finish(ok)
         super()._finish()
 
-    def _interrupt(self) -> None:
-        reader = self._reader
-        if reader is not None and reader is not asyncio.current_task() and not reader.done():
-            reader.cancel()
-
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def write(self, request: Any) -> None:
-        self._raise_if_cancelled()
-        if self._done or self._closed_writing:
-            raise asyncio.InvalidStateError(f"{self.method}: the call is closed for writing")
+    def _accept(self, request: Any) -> None:
         self._pending.append(request)
         self._wake()
 
-    async def done_writing(self) -> None:
-        if not self._closed_writing:
-            self._closed_writing = True
-            self._wake()
-        if not self._done:
-            # The servicer answers what is still pending and ends, as a half-closed remote would.
-            try:
-                while (await self.read()) is not grpc.aio.EOF:
-                    pass
-            except grpc.aio.AioRpcError:
-                pass
+    def _end_input(self) -> None:
+        self._wake()
 
     async def _next(self) -> Any:
         while True:

@@ -75,17 +75,22 @@ def opens_reasoning(prompt: str) -> bool:
     return prompt.rstrip().endswith("<think>")
 
 
+def record_call(method: str, ok: bool, started: float) -> None:
+    """Counts one operation by outcome and observes its duration (from ``started``)."""
+    child(metrics.REQUESTS, method, "ok" if ok else "error").inc()
+    child(metrics.LATENCY, method).observe(time.perf_counter() - started)
+
+
 @contextlib.contextmanager
 def measured(method: str) -> Iterator[None]:
-    """Counts one operation by outcome and observes its duration."""
+    """:func:`record_call` around a block."""
     start = time.perf_counter()
-    outcome = "error"
+    ok = False
     try:
         yield
-        outcome = "ok"
+        ok = True
     finally:
-        child(metrics.REQUESTS, method, outcome).inc()
-        child(metrics.LATENCY, method).observe(time.perf_counter() - start)
+        record_call(method, ok, start)
 
 
 def _timed_step(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
@@ -96,10 +101,10 @@ def _timed_step(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
     return delta
 
 
-def _step_inline(spec: DecodeStreamSpec, session: DecodeSession, ids: list[int],
-                 finished: bool) -> StreamDelta:
+def _mapping_errors(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` with domain exceptions raised as ServiceErrors."""
     try:
-        return _timed_step(spec, session, ids, finished)
+        return fn(*args, **kwargs)
     except Exception as exc:
         mapped = to_service_error(exc)
         if mapped is None:
@@ -120,25 +125,14 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
-        except Exception as exc:
-            mapped = to_service_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+        return await loop.run_in_executor(
+            self.executor, lambda: _mapping_errors(fn, *args, **kwargs))
 
     async def _run_sized(self, size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` on the loop when ``size`` is at most ``inline_max_bytes``, else on the pool."""
         if size > self.inline_max_bytes:
             return await self._run(fn, *args, **kwargs)
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            mapped = to_service_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+        return _mapping_errors(fn, *args, **kwargs)
 
     async def load(self, model: str, local_path: str = "", worker_target: str = "",
                    chat_template: str = "", wait_for_ready: bool = False) -> LoadedTokenizer:
@@ -262,33 +256,32 @@ class DecodeStreamHandler:
     async def handle(self, request: pb.DecodeStreamRequest) -> pb.DecodeStreamResponse | None:
         if self._spec is None:
             return await self._start(request)
-        msg = request.tokens
         if not request.HasField("tokens"):
             kind = request.WhichOneof("request")
             raise invalid_argument("start" if kind == "start" else "request",
                                    "start may only be sent once, as the first message")
+        msg = request.tokens
         session = self._sessions.get(msg.index)
         if session is None:
             session = self._sessions[msg.index] = self._spec.new_session()
         ids = list(msg.token_ids)
         service = self._service
         if len(ids) <= service.inline_max_tokens and service.inline_max_bytes:
-            delta = _step_inline(self._spec, session, ids, msg.finished)
+            delta = _mapping_errors(_timed_step, self._spec, session, ids, msg.finished)
         else:
             delta = await service._run(_timed_step, self._spec, session, ids, msg.finished)
         self._tokens.inc(len(ids))
-        if not delta.tool_calls:
-            return pb.DecodeStreamResponse(
-                index=msg.index, text=delta.text, reasoning_text=delta.reasoning_text,
-                stopped=delta.stopped, matched_stop=delta.matched_stop)
-        calls = [pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name,
-                                  arguments=c.arguments) for c in delta.tool_calls]
-        new_calls = sum(1 for c in delta.tool_calls if c.name)
-        if new_calls:
-            metrics.TOOL_CALLS.labels(self._spec.tool_parser).inc(new_calls)
-        return pb.DecodeStreamResponse(
+        response = pb.DecodeStreamResponse(
             index=msg.index, text=delta.text, reasoning_text=delta.reasoning_text,
-            stopped=delta.stopped, matched_stop=delta.matched_stop, tool_calls=calls)
+            stopped=delta.stopped, matched_stop=delta.matched_stop)
+        if delta.tool_calls:
+            response.tool_calls.extend(
+                pb.ToolCallDelta(tool_index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+                for c in delta.tool_calls)
+            new_calls = sum(1 for c in delta.tool_calls if c.name)
+            if new_calls:
+                metrics.TOOL_CALLS.labels(self._spec.tool_parser).inc(new_calls)
+        return response
 
     async def _start(self, request: pb.DecodeStreamRequest) -> pb.DecodeStreamResponse | None:
         if not request.HasField("start"):
@@ -319,8 +312,7 @@ class DecodeStreamHandler:
 
     def finish(self, ok: bool) -> None:
         """Counts the stream by outcome and observes its duration."""
-        child(metrics.REQUESTS, "DecodeStream", "ok" if ok else "error").inc()
-        child(metrics.LATENCY, "DecodeStream").observe(time.perf_counter() - self._started)
+        record_call("DecodeStream", ok, self._started)
 
 
 def build_service(config: TokenizerConfig, executor: ThreadPoolExecutor) -> TokenizerService:
