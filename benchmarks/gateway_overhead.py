@@ -53,7 +53,6 @@ MESSAGES = [{"role": "user", "content": "Hello! Please tell me about the weather
 LOOPBACK = "127.0.0.1,localhost,::1"
 
 
-
 class Proc:
     def __init__(self, name: str, args: list[str], logs: Path, cwd: Path = ROOT) -> None:
         self.name = name
