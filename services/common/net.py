@@ -55,6 +55,12 @@ def strip_scheme(url: str) -> str:
     return url.rstrip("/")
 
 
+def split_host_port(url: str) -> tuple[str, int]:
+    """``grpc://h:p``, ``h:p`` or ``[v6]:p`` -> (host, port); port 0 when there is none."""
+    host, _, port = strip_scheme(url).rpartition(":")
+    return host.strip("[]"), int(port or 0)
+
+
 def create_channel(
     target: str, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
 ) -> grpc.aio.Channel:

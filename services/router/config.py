@@ -123,6 +123,13 @@ class RouterConfig(ServiceConfig):
         10, help="prefix_hash: ... and more than this many requests above the least loaded.")
     max_idle_secs: float = option(
         14400.0, help="manual: a routing key idle this long forgets its worker.")
+    worker_transport: str = option(
+        "grpcio", help="gRPC workers: how Generate streams are read. grpcio: the grpc.aio "
+                       "channel every worker call uses. grpclib: HTTP/2 on the event loop, "
+                       "less CPU and latency per streamed token, but a worker's graceful "
+                       "shutdown (GOAWAY) ends its streams in flight at once instead of "
+                       "letting them finish.",
+        metadata={"choices": ("grpcio", "grpclib")})
     health_check_interval_secs: float = option(
         60.0, help="Seconds between health checks (SMG's default; a failing request trips the "
                    "worker's circuit breaker long before a check notices).")

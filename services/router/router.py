@@ -20,7 +20,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from services.common.errors import ErrorCode, ServiceError
 from services.common.metrics import child
-from services.common.net import strip_scheme
+from services.common.net import split_host_port, strip_scheme
 from services.common.telemetry import internal_span, tracing_enabled
 from services.router import metrics
 from services.router.admission import Admission, auto_max_concurrent
@@ -59,12 +59,6 @@ DOMAIN = "sglmesh.router"
 
 
 DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's default --disaggregation-bootstrap-port
-
-
-def split_host_port(url: str) -> tuple[str, int]:
-    target = strip_scheme(url)
-    host, _, port = target.rpartition(":")
-    return host.strip("[]"), int(port or 0)
 
 
 def normalize_url(url: str) -> str:
@@ -163,7 +157,7 @@ class Router:
         if ConnectionMode.of_url(url) is ConnectionMode.HTTP:
             return HttpWorkerClient(  # type: ignore[return-value]
                 url, self.config.health_check_endpoint)
-        return WorkerClient(url)
+        return WorkerClient(url, self.config.worker_transport)
 
     # lifecycle ---------------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.net import create_channel, strip_scheme
+from services.common.telemetry import with_trace_metadata
 from services.router import relay
+from services.router.generate_h2 import GenerateChannel
 from services.router.resilience import UpstreamError
 from services.router.workers import EngineLoad, ModelCard
 
@@ -28,14 +30,18 @@ def _upstream(exc: grpc.aio.AioRpcError) -> UpstreamError:
 
 
 class WorkerClient:
-    """Channel + stub for one worker url; also used to forward calls verbatim."""
+    """Channel + stub for one worker url; also used to forward calls verbatim.
 
-    def __init__(self, url: str) -> None:
+    ``transport`` is how ``Generate`` goes: ``grpcio`` (the grpc.aio channel every call uses)
+    or ``grpclib`` (HTTP/2 on the event loop: :mod:`services.router.generate_h2`)."""
+
+    def __init__(self, url: str, transport: str = "grpcio") -> None:
         self.url = url
         self.target = strip_scheme(url)
         self.channel = create_channel(self.target)
         self.stub = pb_grpc.SglangSchedulerStub(self.channel)
         self._generate_raw = relay.raw_generate(self.channel)
+        self._generate_h2 = GenerateChannel(self.target) if transport == "grpclib" else None
 
     async def model_card(self, timeout: float) -> ModelCard:
         """Reads GetModelInfo, waiting for the worker to come up for at most ``timeout`` s."""
@@ -102,8 +108,12 @@ class WorkerClient:
         token = otel_context.attach(trace_context) if trace_context is not None else None
         try:
             # Relaying for the router's own Generate handler: the worker's bytes, unparsed.
-            generate = self._generate_raw if relay.raw_responses() else self.stub.Generate
-            call = generate(request, metadata=tuple(metadata))
+            raw = relay.raw_responses()
+            if self._generate_h2 is not None:
+                call = self._generate_h2.generate(request, with_trace_metadata(metadata), raw)
+            else:
+                generate = self._generate_raw if raw else self.stub.Generate
+                call = generate(request, metadata=tuple(metadata))
         finally:
             if token is not None:
                 otel_context.detach(token)
@@ -117,7 +127,10 @@ class WorkerClient:
             raise _upstream(exc) from exc
         finally:
             if not done:
-                call.cancel()
+                if isinstance(call, grpc.aio.Call):
+                    call.cancel()
+                else:
+                    await call.aclose()
 
     async def kv_events(self, start_sequence_number: int
                         ) -> AsyncGenerator[common_pb2.KvEventBatch, None]:
@@ -146,4 +159,6 @@ class WorkerClient:
             return False
 
     async def close(self) -> None:
+        if self._generate_h2 is not None:
+            self._generate_h2.close()
         await self.channel.close()

@@ -129,9 +129,15 @@ def test_backoff_defaults_growth_cap_and_jitter() -> None:
 # ---------------------------------------------------------------- against sim workers
 
 
-async def test_failed_attempt_is_retried_on_another_worker() -> None:
+# Resilience must not depend on how Generate is read (services.router.generate_h2).
+TRANSPORTS = pytest.mark.parametrize("transport", ["grpcio", "grpclib"])
+
+
+@TRANSPORTS
+async def test_failed_attempt_is_retried_on_another_worker(transport: str) -> None:
     async with sim_fleet(sim_config(sim_error_rate=1.0), sim_config()) as (bad, good), \
-            running_router([bad, good], policy="round_robin") as router:
+            running_router([bad, good], policy="round_robin",
+                           worker_transport=transport) as router:
         for i in range(6):
             out, state = await generate(router, gen(range(10, 30), f"r{i}"))
             assert out[-1].WhichOneof("response") == "complete"
@@ -142,9 +148,10 @@ async def test_failed_attempt_is_retried_on_another_worker() -> None:
         assert all(w.in_flight == 0 for w in router.registry.all())
 
 
-async def test_disable_retries_relays_the_workers_error() -> None:
+@TRANSPORTS
+async def test_disable_retries_relays_the_workers_error(transport: str) -> None:
     async with sim_fleet(sim_config(sim_error_rate=1.0)) as (bad,), \
-            running_router([bad], disable_retries=True) as router:
+            running_router([bad], disable_retries=True, worker_transport=transport) as router:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await generate(router, gen(range(5, 20), "x"))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -185,9 +192,11 @@ async def test_open_breaker_is_skipped_and_shows_in_list_workers() -> None:
                           url(good): admin_pb.CIRCUIT_STATE_CLOSED}
 
 
-async def test_no_retry_after_the_first_token() -> None:
+@TRANSPORTS
+async def test_no_retry_after_the_first_token(transport: str) -> None:
     slow = sim_config(sim_decode_ms=100.0)
-    async with sim_fleet(slow, slow) as workers, running_router(workers) as router:
+    async with sim_fleet(slow, slow) as workers, \
+            running_router(workers, worker_transport=transport) as router:
         state = DispatchState()
         got = []
         with pytest.raises(grpc.aio.AioRpcError):
@@ -201,10 +210,11 @@ async def test_no_retry_after_the_first_token() -> None:
         assert all(w.in_flight == 0 for w in router.registry.all())
 
 
-async def test_load_never_leaks_on_done_error_and_cancel() -> None:
+@TRANSPORTS
+async def test_load_never_leaks_on_done_error_and_cancel(transport: str) -> None:
     slow = sim_config(sim_decode_ms=50.0)
     async with sim_fleet(slow, sim_config(sim_error_rate=1.0)) as (ok, bad), \
-            running_router([ok, bad], disable_retries=True) as router:
+            running_router([ok, bad], disable_retries=True, worker_transport=transport) as router:
         good_worker = router.registry.get(url(ok))
         assert good_worker is not None
         # done

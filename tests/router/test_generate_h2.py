@@ -1,0 +1,212 @@
+"""The worker's Generate over grpclib (services.router.generate_h2) against real gRPC servers:
+the same messages as grpc.aio, the worker's errors unchanged, cancel reaching the worker, a
+worker that is down, goes away mid-stream or comes back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import pytest
+from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
+from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
+
+from services.common.config import ServiceConfig
+from services.common.errors import ErrorCode, ServiceError, error_details, invalid_argument
+from services.common.grpc_server import GrpcServer
+from services.common.net import create_channel, free_port
+from services.router.generate_h2 import GenerateChannel
+from services.router.relay import SERVICE
+from tests.router.fleet import gen, sim_config, sim_fleet
+
+pytestmark = pytest.mark.asyncio
+
+
+class _Scripted(pb_grpc.SglangSchedulerServicer):
+    """A worker whose Generate does what the request id says: ``fail``: INVALID_ARGUMENT with
+    an ErrorInfo naming a field; ``unavailable``: UNAVAILABLE; ``slow``: one message, then one
+    every 50 ms until cancelled; ``paced``: ``max_new_tokens`` messages 50 ms apart; otherwise
+    ``max_new_tokens`` at once. It records the metadata and whether a call ended cancelled."""
+
+    def __init__(self) -> None:
+        self.metadata: dict[str, str] = {}
+        self.cancelled = asyncio.Event()
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        self.metadata = {k: v for k, v in context.invocation_metadata() or ()}
+        if request.request_id == "fail":
+            raise invalid_argument("sampling_params.stream_interval", "must be >= 1")
+        if request.request_id == "unavailable":
+            raise ServiceError(ErrorCode.UNAVAILABLE, "LOADING", "the model is still loading")
+        slow = request.request_id in ("slow", "paced")
+        count = request.sampling_params.max_new_tokens
+        try:
+            for i in range(10_000 if request.request_id == "slow" else count):
+                yield pb.GenerateResponse(request_id=request.request_id,
+                                          chunk=pb.GenerateStreamChunk(token_ids=[i]))
+                if slow:
+                    await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+@asynccontextmanager
+async def scripted_worker(port: int = 0) -> AsyncIterator[tuple[_Scripted, GrpcServer]]:
+    servicer = _Scripted()
+    server = GrpcServer(ServiceConfig(host="127.0.0.1", port=port))
+    server.add_service(pb_grpc.add_SglangSchedulerServicer_to_server, servicer, SERVICE)
+    await server.start()
+    await server.set_serving(True)
+    try:
+        yield servicer, server
+    finally:
+        await server.stop(0)
+
+
+async def collect(channel: GenerateChannel, request: pb.GenerateRequest,
+                  metadata: tuple[tuple[str, str], ...] = (), raw: bool = False) -> list[Any]:
+    return [r async for r in channel.generate(request, metadata, raw)]
+
+
+async def test_same_messages_and_bytes_as_grpc_aio_from_a_sim_worker() -> None:
+    async with sim_fleet(sim_config()) as (worker,):
+        target = f"127.0.0.1:{worker.port}"
+        h2 = GenerateChannel(target)
+        aio = create_channel(target)
+        try:
+            request = gen(range(1, 40), "same", max_new=6)
+            via_aio = [r async for r in pb_grpc.SglangSchedulerStub(aio).Generate(request)]
+            via_h2 = await collect(h2, request)
+            raw = await collect(h2, request, raw=True)
+        finally:
+            h2.close()
+            await aio.close()
+    # 6 chunks, then the finish; the later calls find the prompt cached, nothing else differs
+    assert len(via_aio) == 7 and [uncached(r) for r in via_h2] == via_aio
+    assert via_h2[0].chunk.cached_tokens > 0
+    assert raw == [r.SerializeToString() for r in via_h2]
+
+
+def uncached(response: pb.GenerateResponse) -> pb.GenerateResponse:
+    copy = pb.GenerateResponse()
+    copy.CopyFrom(response)
+    getattr(copy, copy.WhichOneof("response")).ClearField("cached_tokens")
+    return copy
+
+
+async def test_metadata_reaches_the_worker_and_empty_values_are_left_out() -> None:
+    async with scripted_worker() as (servicer, server):
+        channel = GenerateChannel(f"127.0.0.1:{server.port}")
+        try:
+            replies = await collect(channel, gen([1, 2], "meta", max_new=3),
+                                    (("x-request-id", "req-42"), ("x-empty", "")))
+        finally:
+            channel.close()
+    assert [r.chunk.token_ids[0] for r in replies] == [0, 1, 2]
+    assert servicer.metadata["x-request-id"] == "req-42"
+    assert "x-empty" not in servicer.metadata
+
+
+async def test_a_worker_error_keeps_its_code_message_and_error_info() -> None:
+    async with scripted_worker() as (_, server):
+        channel = GenerateChannel(f"127.0.0.1:{server.port}")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await collect(channel, gen([1], "fail"))
+            with pytest.raises(grpc.aio.AioRpcError) as loading:
+                await collect(channel, gen([1], "unavailable"))
+        finally:
+            channel.close()
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(failed.value)
+    assert details.message == "must be >= 1"
+    assert details.metadata.get("field") == "sampling_params.stream_interval"
+    assert loading.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(loading.value).reason == "LOADING"
+
+
+async def test_closing_the_stream_cancels_the_call_on_the_worker() -> None:
+    async with scripted_worker() as (servicer, server):
+        channel = GenerateChannel(f"127.0.0.1:{server.port}")
+        try:
+            stream = channel.generate(gen([1], "slow"), ())
+            assert (await anext(stream)).chunk.token_ids == [0]
+            await stream.aclose()
+            await asyncio.wait_for(servicer.cancelled.wait(), 1.0)
+            # and a reader's task cancelled mid-read does the same
+            servicer.cancelled.clear()
+
+            async def read_all() -> None:
+                async for _ in channel.generate(gen([1], "slow"), ()):
+                    pass
+
+            task = asyncio.create_task(read_all())
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(servicer.cancelled.wait(), 1.0)
+            # the connection is still good for the next call
+            assert len(await collect(channel, gen([1], "after", max_new=2))) == 2
+        finally:
+            channel.close()
+
+
+async def test_a_worker_that_is_down_is_unavailable() -> None:
+    channel = GenerateChannel(f"127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as down:
+            await collect(channel, gen([1], "down"))
+    finally:
+        channel.close()
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "unreachable" in (down.value.details() or "")
+
+
+async def test_a_worker_gone_mid_stream_is_unavailable_and_a_restarted_one_is_reached() -> None:
+    port = free_port()
+    channel = GenerateChannel(f"127.0.0.1:{port}")
+    try:
+        async with scripted_worker(port) as (_, server):
+            stream = channel.generate(gen([1], "slow"), ())
+            await anext(stream)
+            await server.stop(0)
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                async for _ in stream:
+                    pass
+        assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with scripted_worker(port):
+            assert len(await collect(channel, gen([1], "again", max_new=3))) == 3
+    finally:
+        channel.close()
+
+
+async def test_a_graceful_worker_shutdown_ends_grpclib_streams_where_grpc_aio_finishes_them(
+) -> None:
+    """The reason grpclib is opt-in: h2 takes no frame after a GOAWAY, so a stream in flight
+    when its worker stops gracefully ends at once instead of finishing in the grace period."""
+    outcomes: dict[str, Any] = {}
+    for transport in ("grpcio", "grpclib"):
+        async with scripted_worker() as (_, server):
+            target = f"127.0.0.1:{server.port}"
+            aio = create_channel(target)
+            h2 = GenerateChannel(target)
+            request = gen([1], "paced", max_new=6)
+            stream = (h2.generate(request, ()) if transport == "grpclib"
+                      else pb_grpc.SglangSchedulerStub(aio).Generate(request).__aiter__())
+            got = [await anext(stream)]
+            stopping = asyncio.create_task(server.stop(5.0))
+            try:
+                got += [r async for r in stream]
+                outcomes[transport] = len(got)
+            except grpc.aio.AioRpcError as exc:
+                outcomes[transport] = exc.code()
+            await stopping
+            h2.close()
+            await aio.close()
+    assert outcomes == {"grpcio": 6, "grpclib": grpc.StatusCode.UNAVAILABLE}
