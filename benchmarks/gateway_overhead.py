@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,20 +204,23 @@ def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def start_embedded(start: Callable[..., Proc], wport: int, policy: str, router: bool = True,
-                   root: Path = ROOT, label: str = "") -> tuple[str, dict[str, int]]:
+                   root: Path = ROOT, label: str = "", router_extra: Sequence[str] = ()
+                   ) -> tuple[str, dict[str, int]]:
     """A gateway from the source tree ``root`` with the tokenizer embedded, and the router too
-    (``router``) or as its own process: (base url, pids)."""
+    (``router``) or as its own process: (base url, pids). ``router_extra``: more router flags."""
     gport = free_port()
     pids: dict[str, int] = {}
     if router:
         label, router_args = label or "embedded", [
             "--router", "embedded", "--router-args",
-            f"--worker-urls grpc://127.0.0.1:{wport} --policy {policy}"]
+            " ".join([f"--worker-urls grpc://127.0.0.1:{wport} --policy {policy}",
+                      *router_extra])]
     else:
         rport = free_port()
         proc = start("tok-embedded-router", [
             "-m", "services.router", "--port", str(rport), "--worker-urls",
-            f"grpc://127.0.0.1:{wport}", "--policy", policy, "--log-level", "warning"])
+            f"grpc://127.0.0.1:{wport}", "--policy", policy, "--log-level", "warning",
+            *router_extra])
         wait_grpc(f"127.0.0.1:{rport}", proc)
         pids["router"] = proc.proc.pid
         label, router_args = "tok-embedded", ["--router", f"127.0.0.1:{rport}"]
@@ -229,13 +232,14 @@ def start_embedded(start: Callable[..., Proc], wport: int, policy: str, router: 
     return base, {"gateway": gateway.proc.pid, **pids}
 
 
-def start_stack(start: Callable[..., Proc], label: str, root: Path, wport: int, policy: str
-                ) -> tuple[str, dict[str, int]]:
+def start_stack(start: Callable[..., Proc], label: str, root: Path, wport: int, policy: str,
+                router_extra: Sequence[str] = ()) -> tuple[str, dict[str, int]]:
     """gateway + tokenizer + router from the source tree ``root``: (base url, pids)."""
     rport, tport, gport = free_port(), free_port(), free_port()
     router = start(f"{label}-router", ["-m", "services.router", "--port", str(rport),
                                        "--worker-urls", f"grpc://127.0.0.1:{wport}",
-                                       "--policy", policy, "--log-level", "warning"], root)
+                                       "--policy", policy, "--log-level", "warning",
+                                       *router_extra], root)
     tokenizer = start(f"{label}-tokenizer", ["-m", "services.tokenizer", "--port", str(tport),
                                              "--log-level", "warning"], root)
     wait_grpc(f"127.0.0.1:{rport}", router)
@@ -272,7 +276,10 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             "--max-running-requests", "256", "--stream-interval", str(args.stream_interval),
             "--log-level", "warning"])
         wait_grpc(f"127.0.0.1:{wport}", worker)
-        base, serving = start_stack(start, "sglmesh", ROOT, wport, args.policy)
+        # Flags for this tree's routers only (a baseline tree may predate them).
+        router_extra = (["--worker-transport", args.worker_transport]
+                        if args.worker_transport else [])
+        base, serving = start_stack(start, "sglmesh", ROOT, wport, args.policy, router_extra)
         tport = serving.pop("tport")
         baseline_base, baseline_pids = "", {}
         if args.baseline:
@@ -282,8 +289,10 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         embedded_base, embedded_pids = "", {}
         tok_base, tok_pids = "", {}
         if args.embedded:
-            embedded_base, embedded_pids = start_embedded(start, wport, args.policy)
-            tok_base, tok_pids = start_embedded(start, wport, args.policy, router=False)
+            embedded_base, embedded_pids = start_embedded(start, wport, args.policy,
+                                                          router_extra=router_extra)
+            tok_base, tok_pids = start_embedded(start, wport, args.policy, router=False,
+                                                router_extra=router_extra)
         base_emb_base, base_emb_pids = "", {}
         if args.embedded and args.baseline:
             base_emb_base, base_emb_pids = start_embedded(
@@ -472,6 +481,9 @@ def main() -> None:
     parser.add_argument("--policy", default="cache_aware",
                         help="load-balancing policy of every router, SMG's included (both "
                              "default to cache_aware)")
+    parser.add_argument("--worker-transport", choices=("grpcio", "grpclib"), default="",
+                        help="this tree's routers read the worker's Generate with this "
+                             "(default: the router's own default; a --baseline tree keeps its)")
     parser.add_argument("--smg", action="store_true", help="also measure smg.launch_router")
     parser.add_argument("--floor", action="store_true",
                         help="also measure a bare FastAPI app and the Python gRPC client")

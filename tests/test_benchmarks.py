@@ -38,6 +38,20 @@ def test_gateway_overhead_reports_every_path(tmp_path: Path) -> None:
         assert row["cpu_ratio_embedded_smg"] > 0 and row["added_p50_ratio_embedded_smg"]
 
 
+def test_worker_transport_reports_both_transports(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    run("worker_transport.py", "--concurrency", "1", "--calls", "20", "--warmup", "5",
+        "--repeat", "1", "--max-tokens", "4", "--out", str(out))
+    rows = json.loads(out.read_text())
+    assert [row["stream"] for row in rows] == [False, True]
+    for row in rows:
+        for transport in ("grpcio", "grpclib"):
+            figures = row[transport]
+            assert figures["client_cpu_ms"] > 0 and figures["worker_cpu_ms"] > 0, transport
+            assert figures["p50_ms"] > 0 and figures["rps"] > 0, transport
+        assert row["client_cpu_ratio"] > 0
+
+
 @pytest.mark.slow
 def test_router_quality_reports_every_arm(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
