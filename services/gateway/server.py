@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 # Other headers clients use for the same purpose, in order of preference.
 REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "x-correlation-id", "x-client-request-id", "request-id")
+# A request id travels to every service as gRPC metadata, whose values are printable ASCII.
+_REQUEST_ID_CHARS = re.compile(r"[ -~]{1,200}")
 # Routes open without an API key: probes, metrics and the schema.
 OPEN_PATHS = ("/health", "/liveness", "/readiness", "/metrics", "/openapi.json")
 
@@ -166,8 +169,14 @@ class TelemetryMiddleware:
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         by_name = dict(headers)
-        request_id = next((by_name[h] for h in REQUEST_ID_HEADERS if by_name.get(h)), "")
-        request_id = request_id[:200] or new_request_id()
+        header = next((h for h in REQUEST_ID_HEADERS if by_name.get(h)), "")
+        request_id = by_name[header][:200] if header else new_request_id()
+        if header and not _REQUEST_ID_CHARS.fullmatch(request_id):
+            # Refused here, not by the first gRPC call it would fail (as an internal error).
+            error = invalid(header, f"{header} must be printable ASCII (characters from space "
+                                    "to ~)", "invalid_request_id")
+            await error_response(error, new_request_id())(scope, receive, send)
+            return
         scope.setdefault("state", {})["request_id"] = request_id
         route = scope["path"]
         status_holder = {"status": 500}

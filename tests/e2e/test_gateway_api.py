@@ -756,3 +756,12 @@ def test_request_ids(base_url: str) -> None:
     error = httpx.get(f"{base_url}/v1/conversations/conv_nope", trust_env=False,
                       headers={"x-request-id": "err-1"})
     assert error.status_code == 404 and error.headers["x-request-id"] == "err-1"
+    # An id gRPC metadata cannot carry is the client's error (it was a 500 from the first
+    # service call), named, before any work; the response gets an id of ours.
+    for header, value in (("x-request-id", "caf\xe9-1"), ("x-correlation-id", "a\tb")):
+        refused = httpx.post(f"{base_url}/v1/chat/completions", json=body, trust_env=False,
+                             timeout=60, headers={header: value.encode("latin-1")})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == header
+        assert refused.json()["error"]["code"] == "invalid_request_id"
+        assert refused.headers["x-request-id"].isascii()
