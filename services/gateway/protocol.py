@@ -41,7 +41,7 @@ class ChatCompletionRequest(OpenAIModel):
     parallel_tool_calls: bool = True
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
     stop: str | list[str] | None = None
     store: bool = False
     stream: bool = False
@@ -160,7 +160,7 @@ class ResponsesRequest(OpenAIModel):
     top_k: int = Field(-1, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
 
     @property
     def conversation_id(self) -> str | None:
@@ -183,7 +183,7 @@ class CompletionRequest(OpenAIModel):
     max_tokens: int | None = Field(16, ge=1)
     n: int = Field(1, ge=1, le=128)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -33,6 +33,7 @@ from services.gateway.protocol import (
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     Usage,
 )
 from services.gateway.schema import check_json_schema
@@ -107,6 +108,8 @@ class Generation:
     decode_start: tok_pb.DecodeStart
     index: int = 0
     constraint_param: str = "response_format"
+    # The request field the prompt's token ids came from (a worker names its own field).
+    prompt_param: str = "messages"
     # Decode each chunk as it arrives (streaming). Off: decode once at the end, one tokenizer
     # round trip instead of one per chunk (the worker applies stop strings itself; the
     # tokenizer still trims them and parses tools/reasoning over the whole output).
@@ -234,7 +237,9 @@ class Generation:
     def _worker_error(self, exc: grpc.aio.AioRpcError) -> OpenAIError:
         error = from_grpc(exc, "router")
         if error.status == 400 and error.param:
-            if error.param in _CONSTRAINT_FIELDS:
+            if error.param == "tokenized.input_ids":
+                error.param = self.prompt_param
+            elif error.param in _CONSTRAINT_FIELDS:
                 error.message = (f"Invalid '{self.constraint_param}': the worker cannot apply "
                                  f"it: {error.message}")
                 error.param = self.constraint_param
@@ -466,6 +471,25 @@ def forced_tool_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
             "items": {"anyOf": variants}}
 
 
+def check_message(message: ChatMessage, param: str) -> None:
+    """What OpenAI requires of a message beyond its shape: content where the role needs it,
+    and a type on every content part (a template would otherwise render them as it guesses)."""
+    if message.content is None:
+        if message.role in ("system", "developer", "user", "tool"):
+            raise invalid(f"{param}.content",
+                          f"Missing required parameter: '{param}.content' ({message.role}).")
+        if message.role == "assistant" and not message.tool_calls and not (
+                message.model_extra or {}).get("function_call"):
+            raise invalid(f"{param}.content", f"Missing required parameter: '{param}.content' "
+                                              "(an assistant message needs content or "
+                                              "tool_calls).")
+    elif isinstance(message.content, list):
+        for j, part in enumerate(message.content):
+            if not isinstance(part.get("type"), str) or not part["type"]:
+                raise invalid(f"{param}.content[{j}].type",
+                              f"Missing required parameter: '{param}.content[{j}].type'.")
+
+
 class ChatCompletionService:
     """The logic behind /v1/chat/completions."""
 
@@ -481,10 +505,17 @@ class ChatCompletionService:
         """Rejects what this gateway cannot honour, instead of silently ignoring it."""
         if request.top_logprobs and not request.logprobs:
             raise invalid("top_logprobs", "top_logprobs requires logprobs: true.")
+        if request.stream_options is not None and not request.stream:
+            raise invalid("stream_options", "stream_options is only allowed with stream: true.")
         if request.logit_bias:
-            for key in request.logit_bias:
-                if not key.lstrip("-").isdigit():
+            for key, bias in request.logit_bias.items():
+                if not key.isdigit():
                     raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+                if not -100 <= bias <= 100:
+                    raise invalid("logit_bias", f"logit_bias values must be between -100 and "
+                                                f"100, got {bias} for token {key}")
+        for i, message in enumerate(request.messages):
+            check_message(message, f"messages[{i}]")
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str,
                       target_worker: str = "") -> tuple[list[Generation], int]:

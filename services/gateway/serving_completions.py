@@ -38,15 +38,24 @@ def _is_ids(value: Any) -> bool:
         isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
+def _in_range(ids: list[int], param: str) -> list[int]:
+    """Token ids as the worker contract carries them (uint32; the vocabulary is the worker's
+    check)."""
+    for token in ids:
+        if not 0 <= token < 2 ** 32:
+            raise invalid(param, f"Invalid '{param}': token id {token} is out of range.")
+    return ids
+
+
 def prompts_of(value: Any, param: str) -> list[str | list[int]]:
     """A string, a list of strings, a list of token ids, or a list of token id lists."""
     if isinstance(value, str):
         return [value]
     if _is_ids(value):
-        return [list(value)]
+        return [_in_range(list(value), param)]
     if isinstance(value, list) and value and all(
             isinstance(v, str) or _is_ids(v) for v in value):
-        return list(value)
+        return [v if isinstance(v, str) else _in_range(v, param) for v in value]
     raise invalid(param, f"Invalid value for '{param}': expected a string, a list of strings, "
                          "a list of token ids or a list of token id lists (not empty).")
 
@@ -88,8 +97,8 @@ class PromptService:
         return out
 
     def generation(self, model: ServedModel, request_id: str, index: int, ids: list[int],
-                   sampling: pb.SamplingParams, constraint_param: str = "response_format"
-                   ) -> Generation:
+                   sampling: pb.SamplingParams, constraint_param: str = "response_format",
+                   prompt_param: str = "prompt") -> Generation:
         context = model.max_context_length
         if context:
             room = context - len(ids)
@@ -108,7 +117,7 @@ class PromptService:
             stop=list(sampling.stop), no_stop_trim=sampling.no_stop_trim,
             prompt_token_ids=ids[-PROMPT_CONTEXT_TOKENS:])
         return Generation(self.backends, request_id, model, generate, start, index=index,
-                          constraint_param=constraint_param)
+                          constraint_param=constraint_param, prompt_param=prompt_param)
 
     # ---- /v1/completions ------------------------------------------------------------------------
 
@@ -228,7 +237,8 @@ class PromptService:
         for i, ids in enumerate(all_ids):
             sampling = native_sampling(params)
             generations.append(self.generation(model, rid if len(all_ids) == 1 else f"{rid}-{i}",
-                                               i, ids, sampling, "sampling_params"))
+                                               i, ids, sampling, "sampling_params",
+                                               "text" if text is not None else "input_ids"))
         return generations, bool(body.get("stream")), batch
 
     @staticmethod
@@ -283,7 +293,10 @@ class PromptService:
                 skip_special_tokens=bool(body.get("skip_special_tokens", False))),
                 timeout=30, metadata=((REQUEST_ID_KEY, request_id),))
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, "tokenizer") from exc
+            error = from_grpc(exc, "tokenizer")
+            if error.param == "sequences[0].token_ids":
+                error.param = "tokens"  # as the client named them
+            raise error from exc
         return {"text": reply.texts[0]}
 
     async def embeddings(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
@@ -358,41 +371,49 @@ def native_sampling(params: dict[str, Any]) -> pb.SamplingParams:
             raise invalid(param, f"Unknown sampling parameter {key!r}.")
         if value is None:
             continue
-        if key in _NATIVE_FLOATS:
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise invalid(param, f"Invalid '{param}': expected a number.")
-            setattr(sampling, key, float(value))
-        elif key in _NATIVE_INTS:
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise invalid(param, f"Invalid '{param}': expected an integer.")
-            if key == "stream_interval" and value < 1:
-                raise invalid(param, f"Invalid '{param}': must be at least 1, got {value}.")
-            setattr(sampling, key, value)
-        elif key in _NATIVE_BOOLS:
-            setattr(sampling, key, bool(value))
-        elif key == "stop":
-            stops = [value] if isinstance(value, str) else value
-            if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-                raise invalid(param, f"Invalid '{param}': a string or a list of strings.")
-            sampling.stop.extend(stops)
-        elif key == "stop_token_ids":
-            sampling.stop_token_ids.extend(value)
-        elif key == "n":
-            if value != 1:
-                raise invalid(param, "n > 1 is not supported on /generate; send a batch.")
-        elif key == "regex":
-            sampling.regex = _check_regex(value, param)
-        elif key == "json_schema":
-            schema = json.loads(value) if isinstance(value, str) else value
-            check_json_schema(schema, param)
-            sampling.json_schema = json.dumps(schema)
-        elif key == "ebnf":
-            sampling.ebnf_grammar = str(value)
-        elif key == "logit_bias":
-            sampling.logit_bias.update({str(k): float(v) for k, v in value.items()})
-        elif key in ("seed", "sampling_seed"):
-            sampling.custom_params.update({"seed": int(value)})
+        try:
+            _set_native(sampling, key, value, param)
+        except (ValueError, TypeError, AttributeError) as exc:  # the proto's own checks
+            raise invalid(param, f"Invalid '{param}': {value!r} ({exc}).") from exc
     return sampling
+
+
+def _set_native(sampling: pb.SamplingParams, key: str, value: Any, param: str) -> None:
+    """One SGLang sampling parameter onto the message (``native_sampling``)."""
+    if key in _NATIVE_FLOATS:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise invalid(param, f"Invalid '{param}': expected a number.")
+        setattr(sampling, key, float(value))
+    elif key in _NATIVE_INTS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise invalid(param, f"Invalid '{param}': expected an integer.")
+        if key == "stream_interval" and value < 1:
+            raise invalid(param, f"Invalid '{param}': must be at least 1, got {value}.")
+        setattr(sampling, key, value)
+    elif key in _NATIVE_BOOLS:
+        setattr(sampling, key, bool(value))
+    elif key == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise invalid(param, f"Invalid '{param}': a string or a list of strings.")
+        sampling.stop.extend(stops)
+    elif key == "stop_token_ids":
+        sampling.stop_token_ids.extend(value)
+    elif key == "n":
+        if value != 1:
+            raise invalid(param, "n > 1 is not supported on /generate; send a batch.")
+    elif key == "regex":
+        sampling.regex = _check_regex(value, param)
+    elif key == "json_schema":
+        schema = json.loads(value) if isinstance(value, str) else value
+        check_json_schema(schema, param)
+        sampling.json_schema = json.dumps(schema)
+    elif key == "ebnf":
+        sampling.ebnf_grammar = str(value)
+    elif key == "logit_bias":
+        sampling.logit_bias.update({str(k): float(v) for k, v in value.items()})
+    elif key in ("seed", "sampling_seed"):
+        sampling.custom_params.update({"seed": int(value)})
 
 
 def native_meta(g: Generation, final: bool = True) -> dict[str, Any]:

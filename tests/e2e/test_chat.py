@@ -160,6 +160,16 @@ def test_stop_string_is_not_emitted(client: openai.OpenAI) -> None:
     ({"model": "no-such-model", "messages": FRANCE}, 404, "model"),
     ({"model": MODEL, "messages": FRANCE, "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": MODEL, "messages": FRANCE, "stream_interval": 0}, 400, "stream_interval"),
+    ({"model": MODEL, "messages": FRANCE, "seed": 2 ** 64}, 400, "seed"),
+    ({"model": MODEL, "messages": FRANCE, "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ({"model": MODEL, "messages": FRANCE, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": None}]}, 400,
+     "messages[0].content"),
+    ({"model": MODEL, "messages": [*FRANCE, {"role": "assistant"}]}, 400,
+     f"messages[{len(FRANCE)}].content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"text": "hi"}]}]}, 400,
+     "messages[0].content[0].type"),
 ])
 def test_bad_requests_name_the_parameter(base_url: str, body: dict, status: int,
                                          param: str) -> None:

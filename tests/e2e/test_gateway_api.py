@@ -404,10 +404,27 @@ def test_completions(client: openai.OpenAI, base_url: str) -> None:
     ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"logprobs": 2}, "logprobs"),
     ({"prompt": []}, "prompt"), ({"prompt": [1, "a"]}, "prompt"), ({"regex": "("}, "regex"),
     ({"stream_interval": 0}, "stream_interval"),
+    # Token ids the worker contract cannot carry, or the vocabulary does not hold.
+    ({"prompt": [-1]}, "prompt"), ({"prompt": [2 ** 40]}, "prompt"), ({"prompt": [10 ** 8]}, "prompt"),
 ])
 def test_completions_rejects_clearly(base_url: str, extra: dict, param: str) -> None:
     reply = httpx.post(f"{base_url}/v1/completions", trust_env=False, timeout=30,
                        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **extra})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"text": "hi", "sampling_params": {"max_new_tokens": -3}}, "sampling_params.max_new_tokens"),
+    ({"text": "hi", "sampling_params": {"stop_token_ids": [-1]}},
+     "sampling_params.stop_token_ids"),
+    ({"text": "hi", "sampling_params": {"logit_bias": {"5": "x"}}}, "sampling_params.logit_bias"),
+    ({"text": "hi", "sampling_params": {"json_schema": "{not json"}},
+     "sampling_params.json_schema"),
+    ({"input_ids": [10 ** 8]}, "input_ids"),
+])
+def test_native_generate_names_the_bad_field(base_url: str, body: dict, param: str) -> None:
+    reply = httpx.post(f"{base_url}/generate", json=body, trust_env=False, timeout=30)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
 
@@ -451,6 +468,9 @@ def test_tokenize_detokenize(base_url: str) -> None:
     bad = httpx.post(f"{base_url}/v1/detokenize", json={"model": MODEL, "tokens": ["a"]},
                      trust_env=False)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    unknown = httpx.post(f"{base_url}/v1/detokenize", json={"model": MODEL, "tokens": [10 ** 8]},
+                         trust_env=False)  # out of the vocabulary: the tokenizer's check
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tokens"
     missing = httpx.post(f"{base_url}/v1/tokenize", json={"model": "nope", "prompt": "x"},
                          trust_env=False)
     assert missing.status_code == 404
