@@ -6,9 +6,12 @@ OpenAI fields.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# OpenAI's integers are 64-bit (a seed beyond them is a 400, not a silent wrap).
+Int64 = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
 
 class OpenAIModel(BaseModel):
@@ -41,7 +44,7 @@ class ChatCompletionRequest(OpenAIModel):
     parallel_tool_calls: bool = True
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: dict[str, Any] | None = None
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     store: bool = False
     stream: bool = False
@@ -160,7 +163,7 @@ class ResponsesRequest(OpenAIModel):
     top_k: int = Field(-1, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
+    seed: Int64 | None = None
 
     @property
     def conversation_id(self) -> str | None:
@@ -183,7 +186,7 @@ class CompletionRequest(OpenAIModel):
     max_tokens: int | None = Field(16, ge=1)
     n: int = Field(1, ge=1, le=128)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -170,13 +170,16 @@ class TelemetryMiddleware:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         by_name = dict(headers)
         header = next((h for h in REQUEST_ID_HEADERS if by_name.get(h)), "")
-        request_id = by_name[header][:200] if header else new_request_id()
-        if header and not _REQUEST_ID_CHARS.fullmatch(request_id):
-            # Refused here, not by the first gRPC call it would fail (as an internal error).
-            error = invalid(header, f"{header} must be printable ASCII (characters from space "
-                                    "to ~)", "invalid_request_id")
-            await error_response(error, new_request_id())(scope, receive, send)
-            return
+        request_id = by_name[header][:200] if header else ""
+        app: ASGIApp = self.app
+        if request_id and not _REQUEST_ID_CHARS.fullmatch(request_id):
+            # Refused here (traced and counted as any 400, under an id of ours), not by the
+            # first gRPC call, which would fail it as an internal error.
+            app = error_response(invalid(header, f"{header} must be printable ASCII "
+                                                 "(characters from space to ~)",
+                                         "invalid_request_id"))
+            request_id = ""
+        request_id = request_id or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         route = scope["path"]
         status_holder = {"status": 500}
@@ -211,7 +214,7 @@ class TelemetryMiddleware:
             span.set_attribute("sglmesh.request_id", request_id)
             span_holder.append(span)
             try:
-                await self.app(scope, receive, send_wrapper)
+                await app(scope, receive, send_wrapper)
             finally:
                 status = status_holder["status"]
                 route = annotate(status)

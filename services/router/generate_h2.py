@@ -78,9 +78,8 @@ class _RawStatusDetails(StatusDetailsCodecBase):
 
 def _rpc_error(code: grpc.StatusCode, message: str, details: bytes | None = None
                ) -> grpc.aio.AioRpcError:
-    trailers = grpc.aio.Metadata(("grpc-status-details-bin", details)) if details else (
-        grpc.aio.Metadata())
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, message)
+    trailers = (("grpc-status-details-bin", details),) if details else ()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), message)
 
 
 class GenerateChannel:

@@ -221,7 +221,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.DecodeStreamResponse]:
-        stream = DecodeStreamHandler(self)
+        stream = self.open_decode_stream()
         ok = False
         try:
             async for request in request_iterator:
