@@ -1,5 +1,5 @@
-"""What reading a worker's ``Generate`` costs the router, per transport: grpc.aio (the
-default) against grpclib (``--worker-transport grpclib``, services/router/generate_h2.py).
+"""What reading a worker's ``Generate`` costs the router, per transport: grpc.aio
+(``--worker-transport grpcio``) against grpclib (the default, services/router/generate_h2.py).
 
 One ``sim`` worker process with every timing 0 (it answers at once); this process calls its
 ``Generate`` the way the router does (``WorkerClient.generate``, uvloop), with each transport

@@ -124,11 +124,9 @@ class RouterConfig(ServiceConfig):
     max_idle_secs: float = option(
         14400.0, help="manual: a routing key idle this long forgets its worker.")
     worker_transport: str = option(
-        "grpcio", help="gRPC workers: how Generate streams are read. grpcio: the grpc.aio "
-                       "channel every worker call uses. grpclib: HTTP/2 on the event loop, "
-                       "less CPU and latency per streamed token, but a worker's graceful "
-                       "shutdown (GOAWAY) ends its streams in flight at once instead of "
-                       "letting them finish.",
+        "grpclib", help="gRPC workers: how Generate streams are read. grpclib: HTTP/2 on the "
+                        "router's event loop, less CPU and latency per streamed token than "
+                        "grpcio, the grpc.aio channel every other worker call uses.",
         metadata={"choices": ("grpcio", "grpclib")})
     health_check_interval_secs: float = option(
         60.0, help="Seconds between health checks (SMG's default; a failing request trips the "

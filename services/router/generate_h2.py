@@ -8,11 +8,11 @@ a streamed message costs a frame parse and a future. Side by side on one sim wor
 9-message stream, 0.82x the CPU of a one-message call (docs/overhead.md, "The worker stream
 over grpclib").
 
-Opt-in (the router's ``--worker-transport grpclib``) because of one thing it cannot do: h2
-accepts no frame after a GOAWAY, so when a worker shuts down gracefully its streams in flight
-end at once (UNAVAILABLE; retried elsewhere if nothing was relayed yet) where grpc.aio lets them
-finish within the worker's grace period: each worker restart costs the answers it was
-streaming. Use it where that is worth the saving.
+The router's default (``--worker-transport grpclib``; ``grpcio`` reads ``Generate`` on the
+worker's grpc.aio channel instead). Stock h2 closes a connection on any GOAWAY and then takes no
+frame, so a worker that shut down gracefully would cut off the answers it was streaming; the
+connections made here keep reading the streams the worker promised to finish (as grpc.aio does)
+and send new calls to a new connection (:class:`_DrainingProcessor`).
 
 Only ``Generate`` — the per-token hot path, once per leg of every request — goes this way.
 Every other worker call (health, loads, model info, abort, KV events) stays on the worker's
@@ -29,11 +29,16 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
-from grpclib.client import Channel
+from grpclib.client import Channel, Handler
 from grpclib.config import Configuration
 from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import EventsProcessor, H2Protocol
+from grpclib.protocol import Stream as H2Stream
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
 from h2.exceptions import H2Error
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
@@ -82,6 +87,73 @@ def _rpc_error(code: grpc.StatusCode, message: str, details: bytes | None = None
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), message)
 
 
+class _DrainingStateMachine(H2ConnectionStateMachine):
+    """h2's connection state machine, except that a GOAWAY leaves an open connection open.
+
+    h2 closes the connection on any GOAWAY and then refuses every frame, so the streams a server
+    promised to finish (those up to the GOAWAY's ``last_stream_id``: RFC 9113 section 6.8)
+    could not be read. Which streams may still be opened is :class:`_DrainingProcessor`'s
+    business: none, once a GOAWAY came."""
+
+    _transitions = {
+        **H2ConnectionStateMachine._transitions,
+        (ConnectionState.CLIENT_OPEN, ConnectionInputs.RECV_GOAWAY):
+            (None, ConnectionState.CLIENT_OPEN),
+    }
+
+
+class _DrainingProcessor(EventsProcessor):
+    """grpclib's event handling, except for a graceful GOAWAY (``NO_ERROR``, how a gRPC server
+    that stops with a grace period says so): new calls go to a new connection, streams the
+    server will not process (above ``last_stream_id``) end as UNAVAILABLE, safe to retry, and
+    the rest run to their end; the connection closes when the last one is done. A GOAWAY with
+    an error ends every stream at once, as grpclib does."""
+
+    draining = False
+
+    def process_connection_terminated(self, event: ConnectionTerminated) -> None:
+        if event.error_code != ErrorCodes.NO_ERROR:
+            super().process_connection_terminated(event)
+            return
+        self.draining = True
+        self.handler.close()  # the channel's next call connects anew
+        reason = "the worker is shutting down (GOAWAY) before it took the call"
+        for stream_id, stream in list(self.streams.items()):
+            if stream_id > (event.last_stream_id or 0):
+                stream.__terminated__(reason)
+        self._close_if_drained()
+
+    def register(self, stream: H2Stream) -> Any:
+        release = super().register(stream)
+
+        def release_stream() -> None:
+            release()
+            self._close_if_drained()
+
+        return release_stream
+
+    def _close_if_drained(self) -> None:
+        if self.draining and not self.streams:
+            self.close("drained after GOAWAY")
+
+
+class _DrainingProtocol(H2Protocol):
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        h2 = self.connection._connection  # grpclib's H2Connection; grpclib is pinned < 0.5
+        machine = _DrainingStateMachine()
+        machine.state = h2.state_machine.state
+        h2.state_machine = machine
+        self.processor = _DrainingProcessor(self.handler, self.connection)
+
+
+class _DrainingChannel(Channel):
+    """A grpclib channel whose connections finish their streams through a graceful GOAWAY."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _DrainingProtocol(Handler(), self._config, self._h2_config)
+
+
 class GenerateChannel:
     """``Generate`` calls to one worker over one HTTP/2 connection, made on first use (and
     again after the connection is lost) on the event loop that uses it."""
@@ -98,7 +170,7 @@ class GenerateChannel:
             # A channel belongs to the loop it was made on (tests run several loops).
             if self._channel is not None and not self._loop.is_closed():  # type: ignore[union-attr]
                 self._channel.close()
-            self._channel = Channel(self._host, self._port, codec=_MessageOrBytes(),
+            self._channel = _DrainingChannel(self._host, self._port, codec=_MessageOrBytes(),
                                     status_details_codec=_RawStatusDetails(), config=_CONFIG)
             self._loop = loop
         return self._channel

@@ -541,7 +541,7 @@ class CacheAwarePolicy(PolicyBase):
         return min(tied, key=lambda w: (w.processed, -stable_hash(key + w.url.encode())))
 
     def _relieve_pressure(self, best: Worker, match_end: int, workers: Sequence[Worker],
-                          loads: dict[str, int], live: set[str] | frozenset[str],
+                          loads: dict[str, int], live: AbstractSet[str],
                           tokens: array, index: KvIndex) -> Worker:
         """``best`` holds the request's longest cached prefix; another worker when that prefix
         is a shared one (several requests have stopped at its last block), ``best`` reported

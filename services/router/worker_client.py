@@ -32,10 +32,11 @@ def _upstream(exc: grpc.aio.AioRpcError) -> UpstreamError:
 class WorkerClient:
     """Channel + stub for one worker url; also used to forward calls verbatim.
 
-    ``transport`` is how ``Generate`` goes: ``grpcio`` (the grpc.aio channel every call uses)
-    or ``grpclib`` (HTTP/2 on the event loop: :mod:`services.router.generate_h2`)."""
+    ``transport`` is how ``Generate`` goes: ``grpclib`` (HTTP/2 on the event loop:
+    :mod:`services.router.generate_h2`) or ``grpcio`` (the grpc.aio channel every other call
+    uses)."""
 
-    def __init__(self, url: str, transport: str = "grpcio") -> None:
+    def __init__(self, url: str, transport: str = "grpclib") -> None:
         self.url = url
         self.target = strip_scheme(url)
         self.channel = create_channel(self.target)

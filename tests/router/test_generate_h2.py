@@ -10,6 +10,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import hyperframe.frame
 import pytest
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
@@ -186,14 +190,16 @@ async def test_a_worker_gone_mid_stream_is_unavailable_and_a_restarted_one_is_re
         channel.close()
 
 
-async def test_a_graceful_worker_shutdown_ends_grpclib_streams_where_grpc_aio_finishes_them(
+async def test_a_graceful_worker_shutdown_lets_streams_in_flight_finish_on_both_transports(
 ) -> None:
-    """The reason grpclib is opt-in: h2 takes no frame after a GOAWAY, so a stream in flight
-    when its worker stops gracefully ends at once instead of finishing in the grace period."""
+    """A worker stopping with a grace period (GOAWAY, then its calls run to their end) costs no
+    answer in flight; a call made meanwhile fails at once, and once the worker is back on its
+    port the same channel reaches it over a new connection."""
+    port = free_port()
     outcomes: dict[str, Any] = {}
     for transport in ("grpcio", "grpclib"):
-        async with scripted_worker() as (_, server):
-            target = f"127.0.0.1:{server.port}"
+        async with scripted_worker(port) as (_, server):
+            target = f"127.0.0.1:{port}"
             aio = create_channel(target)
             h2 = GenerateChannel(target)
             request = gen([1], "paced", max_new=6)
@@ -201,12 +207,86 @@ async def test_a_graceful_worker_shutdown_ends_grpclib_streams_where_grpc_aio_fi
                       else pb_grpc.SglangSchedulerStub(aio).Generate(request).__aiter__())
             got = [await anext(stream)]
             stopping = asyncio.create_task(server.stop(5.0))
+            await asyncio.sleep(0.1)
+            if transport == "grpclib":
+                with pytest.raises(grpc.aio.AioRpcError) as meanwhile:
+                    await asyncio.wait_for(collect(h2, gen([1], "meanwhile", max_new=2)), 2.0)
+                assert meanwhile.value.code() == grpc.StatusCode.UNAVAILABLE
             try:
                 got += [r async for r in stream]
                 outcomes[transport] = len(got)
             except grpc.aio.AioRpcError as exc:
                 outcomes[transport] = exc.code()
             await stopping
-            h2.close()
-            await aio.close()
-    assert outcomes == {"grpcio": 6, "grpclib": grpc.StatusCode.UNAVAILABLE}
+        if transport == "grpclib":
+            async with scripted_worker(port):
+                assert len(await collect(h2, gen([1], "back", max_new=3))) == 3
+        h2.close()
+        await aio.close()
+    assert outcomes == {"grpcio": 6, "grpclib": 6}
+
+
+class _GoawayServer:
+    """A hand-written HTTP/2 gRPC server (h2) that, once two calls are open, sends a graceful
+    GOAWAY whose ``last_stream_id`` takes only the first, answers that one and then waits for
+    the client to close the connection. (A grpcio server's first GOAWAY promises every stream,
+    so it cannot produce this case.)"""
+
+    def __init__(self) -> None:
+        self.answered: str = ""
+        self.client_closed = asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        bodies: dict[int, bytes] = {}
+        ended: list[int] = []
+        while len(ended) < 2:
+            data = await reader.read(65536)
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.append(event.stream_id)
+            writer.write(conn.data_to_send())
+        first = min(ended)
+        # Written by hand: h2 itself would close its side of the connection on a GOAWAY.
+        writer.write(hyperframe.frame.GoAwayFrame(0, last_stream_id=first).serialize())
+        request = pb.GenerateRequest.FromString(bodies[first][5:])
+        reply = pb.GenerateResponse(request_id=request.request_id,
+                                    chunk=pb.GenerateStreamChunk(token_ids=[7])).SerializeToString()
+        conn.send_headers(first, [(":status", "200"), ("content-type", "application/grpc")])
+        conn.send_data(first, b"\0" + len(reply).to_bytes(4, "big") + reply)
+        conn.send_headers(first, [("grpc-status", "0")], end_stream=True)
+        writer.write(conn.data_to_send())
+        self.answered = request.request_id
+        while await reader.read(65536):
+            pass
+        self.client_closed.set()
+        writer.close()
+
+
+async def test_after_a_goaway_calls_the_worker_did_not_take_are_unavailable_the_rest_finish(
+) -> None:
+    server = _GoawayServer()
+    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    channel = GenerateChannel(f"127.0.0.1:{port}")
+    try:
+        calls = {rid: asyncio.create_task(collect(channel, gen([1], rid, max_new=1)))
+                 for rid in ("a", "b")}
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        outcome = dict(zip(calls, results, strict=True))
+        # the connection is closed by the client once its last stream ended
+        await asyncio.wait_for(server.client_closed.wait(), 2.0)
+    finally:
+        channel.close()
+        listener.close()
+    taken = outcome.pop(server.answered)
+    assert [r.chunk.token_ids[0] for r in taken] == [7]
+    (refused,) = outcome.values()
+    assert isinstance(refused, grpc.aio.AioRpcError)
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert "GOAWAY" in (refused.details() or "")
