@@ -10,8 +10,8 @@ task group and cancel scopes per response, several per cent of a streamed reques
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Generator, Mapping
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -71,6 +71,93 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
 
 
+class _Resumed:
+    """Awaits a coroutine that was already stepped once and is waiting on ``waiting_on``
+    (what its first step yielded to the event loop)."""
+
+    def __init__(self, step: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        self._step = step
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        waiting_on = self._waiting_on
+        while True:
+            try:
+                sent = yield waiting_on
+            except BaseException as exc:  # noqa: BLE001 - a cancel for the step: passed on
+                try:
+                    waiting_on = self._step.throw(exc)
+                except StopIteration as done:
+                    return done.value
+                continue
+            try:
+                waiting_on = self._step.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _steppable(awaitable: Awaitable[T]) -> Coroutine[Any, Any, T]:
+    """``awaitable`` as something with ``send``/``throw`` (an async generator's ``asend`` and
+    a coroutine are; a future or another awaitable gets a coroutine around it)."""
+    if hasattr(awaitable, "send") and hasattr(awaitable, "throw"):
+        return awaitable  # type: ignore[return-value]
+    return _awaited(awaitable)
+
+
+async def _abandon(step: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+    """Ends a step that is in flight as a cancelled task would: what it waits on is cancelled
+    and the producer gets a CancelledError there, so its clean-up runs (awaits included)."""
+    if isinstance(waiting_on, asyncio.Future):
+        waiting_on.cancel()
+    try:
+        waiting_on = step.throw(asyncio.CancelledError())
+    except (StopIteration, StopAsyncIteration, asyncio.CancelledError):
+        return
+    try:
+        await _Resumed(step, waiting_on)
+    except (StopAsyncIteration, asyncio.CancelledError):
+        pass
+
+
+async def ready_batches(items: AsyncIterator[T]) -> AsyncGenerator[list[T], None]:
+    """``items`` in lists of what was ready together: a list ends where taking the next item
+    would wait. A stream whose items come one at a time (a GPU's tokens) gets lists of one,
+    each as soon as its item is there; items that were ready together (worker messages read
+    in one socket read, a backlog under load) go on as one list, so as one socket write, as
+    hyper's buffered body writes do for SMG. An error after ready items comes after them."""
+    batch: list[T] = []
+    while True:
+        step = _steppable(items.__anext__())
+        try:
+            waiting_on = step.send(None)
+        except StopIteration as ready:
+            batch.append(ready.value)
+            continue
+        except StopAsyncIteration:
+            if batch:
+                yield batch
+            return
+        except BaseException:
+            if batch:
+                yield batch
+            raise
+        if batch:
+            try:
+                yield batch
+            except BaseException:
+                await _abandon(step, waiting_on)
+                raise
+            batch = []
+        try:
+            batch.append(await _Resumed(step, waiting_on))
+        except StopAsyncIteration:
+            return
+
+
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 
 
@@ -109,9 +196,10 @@ class KeepAlive:
 
 
 class EventStreamResponse(Response):
-    """A ``text/event-stream`` body from an async iterator of frames; a client disconnect
-    cancels the iterator where it waits and closes it. ``keepalive`` > 0: a comment after that
-    many idle seconds (:class:`KeepAlive`)."""
+    """A ``text/event-stream`` body from an async iterator of frames, frames that are ready
+    together in one write (:func:`ready_batches`); a client disconnect cancels the iterator
+    where it waits and closes it. ``keepalive`` > 0: a comment after that many idle seconds
+    (:class:`KeepAlive`)."""
 
     media_type = "text/event-stream"
 
@@ -125,6 +213,7 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keeper: KeepAlive | None = None
+        batches = ready_batches(self.frames)
         with DisconnectWatch(receive) as watch:
             try:
                 try:
@@ -132,9 +221,10 @@ class EventStreamResponse(Response):
                                 "headers": self.raw_headers})
                     if self.keepalive > 0:
                         keeper = KeepAlive(send, self.keepalive)
-                    async for frame in self.frames:
+                    async for frames in batches:
+                        body = b"".join(f.encode() if isinstance(f, str) else f for f in frames)
                         await send({"type": "http.response.body", "more_body": True,
-                                    "body": frame.encode() if isinstance(frame, str) else frame})
+                                    "body": body})
                         if keeper is not None:
                             keeper.frames += 1
                     if keeper is not None:
@@ -143,6 +233,7 @@ class EventStreamResponse(Response):
                 finally:
                     if keeper is not None:
                         keeper.stop()
+                    await batches.aclose()  # first: it may hold the frames' next step
                     aclose = getattr(self.frames, "aclose", None)
                     if aclose is not None:
                         await aclose()  # the frames' own clean-up (e.g. cancel the gRPC calls)
