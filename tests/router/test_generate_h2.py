@@ -33,7 +33,8 @@ class _Scripted(pb_grpc.SglangSchedulerServicer):
     """A worker whose Generate does what the request id says: ``fail``: INVALID_ARGUMENT with
     an ErrorInfo naming a field; ``unavailable``: UNAVAILABLE; ``slow``: one message, then one
     every 50 ms until cancelled; ``paced``: ``max_new_tokens`` messages 50 ms apart; otherwise
-    ``max_new_tokens`` at once. It records the metadata and whether a call ended cancelled."""
+    ``max_new_tokens`` at once; ``echo...``: one chunk holding the prompt's ids. It records the
+    metadata and whether a call ended cancelled."""
 
     def __init__(self) -> None:
         self.metadata: dict[str, str] = {}
@@ -46,6 +47,10 @@ class _Scripted(pb_grpc.SglangSchedulerServicer):
             raise invalid_argument("sampling_params.stream_interval", "must be >= 1")
         if request.request_id == "unavailable":
             raise ServiceError(ErrorCode.UNAVAILABLE, "LOADING", "the model is still loading")
+        if request.request_id.startswith("echo"):
+            yield pb.GenerateResponse(request_id=request.request_id, chunk=pb.GenerateStreamChunk(
+                token_ids=request.tokenized.input_ids))
+            return
         slow = request.request_id in ("slow", "paced")
         count = request.sampling_params.max_new_tokens
         try:
@@ -132,6 +137,23 @@ async def test_a_worker_error_keeps_its_code_message_and_error_info() -> None:
     assert details.metadata.get("field") == "sampling_params.stream_interval"
     assert loading.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(loading.value).reason == "LOADING"
+
+
+async def test_requests_and_replies_larger_than_the_flow_control_windows_arrive_whole() -> None:
+    """Long prompts (a ~1 MB request against HTTP/2's 64 KiB initial windows), several at once
+    on one connection, and replies as large come back intact."""
+    async with scripted_worker() as (_, server):
+        channel = GenerateChannel(f"127.0.0.1:{server.port}")
+        try:
+            prompts = {f"echo{i}": [(i * 7 + n) % 49152 for n in range(300_000)]
+                       for i in range(4)}
+            replies = await asyncio.gather(*(collect(channel, gen(ids, rid))
+                                             for rid, ids in prompts.items()))
+        finally:
+            channel.close()
+    for (rid, ids), reply in zip(prompts.items(), replies, strict=True):
+        assert [r.request_id for r in reply] == [rid]
+        assert list(reply[0].chunk.token_ids) == ids
 
 
 async def test_closing_the_stream_cancels_the_call_on_the_worker() -> None:
