@@ -471,6 +471,9 @@ def forced_tool_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
             "items": {"anyOf": variants}}
 
 
+_PART_PAYLOADS = frozenset({"text", "image_url", "input_audio", "video_url", "file"})
+
+
 def check_message(message: ChatMessage, param: str) -> None:
     """What OpenAI requires of a message beyond its shape: content where the role needs it,
     and a type on every content part (a template would otherwise render them as it guesses)."""
@@ -485,9 +488,19 @@ def check_message(message: ChatMessage, param: str) -> None:
                                               "tool_calls).")
     elif isinstance(message.content, list):
         for j, part in enumerate(message.content):
-            if not isinstance(part.get("type"), str) or not part["type"]:
+            kind = part.get("type")
+            if not isinstance(kind, str) or not kind:
                 raise invalid(f"{param}.content[{j}].type",
                               f"Missing required parameter: '{param}.content[{j}].type'.")
+            # The part's payload sits under a key named after its type ("text": {"type":
+            # "text", "text": "..."}); without it the template would render nothing or fail.
+            if kind in _PART_PAYLOADS and part.get(kind) is None:
+                raise invalid(f"{param}.content[{j}].{kind}",
+                              f"Missing required parameter: '{param}.content[{j}].{kind}'.")
+            if kind == "text" and not isinstance(part["text"], str):
+                raise invalid(f"{param}.content[{j}].text",
+                              f"Invalid type for '{param}.content[{j}].text': expected a "
+                              "string.")
 
 
 class ChatCompletionService:

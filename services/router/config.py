@@ -10,6 +10,25 @@ from services.router.policies import POLICY_NAMES, PolicyConfig
 from services.router.resilience import CircuitBreakerConfig, RetryConfig
 
 
+def worker_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name a worker (None when it can): ``grpc://host:port``, a bare
+    ``host:port`` (gRPC) or ``http(s)://host[:port]``."""
+    if not url.strip():
+        return "url is required, e.g. grpc://127.0.0.1:30000"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("http", "https"):
+        return None if rest.strip("/") else f"{url!r} has no host"
+    if sep and scheme == "grpcs":
+        return f"{url!r}: TLS to gRPC workers is not supported; use grpc://host:port"
+    if sep and scheme != "grpc":
+        return (f"{url!r}: unsupported scheme {scheme + '://'!r}; expected grpc://host:port "
+                "or http(s)://host[:port]")
+    host, _, port = (rest if sep else url).rstrip("/").rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{url!r}: a gRPC worker needs a host and a port, e.g. grpc://127.0.0.1:30000"
+    return None
+
+
 def parse_prefill(tokens: list[str]) -> list[tuple[str, int | None]]:
     """``URL [PORT|none] URL ...`` -> [(url, bootstrap port or None)] (SMG's --prefill)."""
     result: list[tuple[str, int | None]] = []
@@ -192,6 +211,11 @@ class RouterConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for flag, urls in (("--worker-urls", self.worker_urls), ("--decode", self.decode),
+                           ("--prefill", [url for url, _ in parse_prefill(self.prefill)])):
+            for url in urls:
+                if (problem := worker_url_problem(url)) is not None:
+                    raise ValueError(f"{flag}: {problem}")
         if self.health_check_interval_secs <= 0:
             raise ValueError("--health-check-interval-secs must be positive")
         if self.health_success_threshold < 1 or self.health_failure_threshold < 1:

@@ -18,6 +18,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.common.errors import invalid_argument, not_found
 from services.common.telemetry import metadata_dict
+from services.router.config import worker_url_problem
 from services.router.jobs import Job, JobKind, JobState
 from services.router.policies import SelectionInfo
 from services.router.resilience import CircuitState
@@ -180,9 +181,8 @@ class RouterAdmin(admin_grpc.RouterAdminServiceServicer):
 
     async def AddWorker(self, request: admin_pb.AddWorkerRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb.AddWorkerResponse:
-        if not request.url:
-            raise invalid_argument("url", "url is required, e.g. grpc://127.0.0.1:30000",
-                                   domain=DOMAIN)
+        if (problem := worker_url_problem(request.url)) is not None:
+            raise invalid_argument("url", problem, domain=DOMAIN)
         job = self.router.submit_add_worker(
             request.url, _WORKER_TYPE_IN.get(request.worker_type, WorkerType.REGULAR),
             dict(request.labels), request.model_id,

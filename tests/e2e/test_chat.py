@@ -170,6 +170,13 @@ def test_stop_string_is_not_emitted(client: openai.OpenAI) -> None:
      f"messages[{len(FRANCE)}].content"),
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"text": "hi"}]}]}, 400,
      "messages[0].content[0].type"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "messages[0].content[0].text"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     400, "messages[0].content[0].text"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url"}]}]}, 400,
+     "messages[0].content[1].image_url"),
 ])
 def test_bad_requests_name_the_parameter(base_url: str, body: dict, status: int,
                                          param: str) -> None:

@@ -569,6 +569,9 @@ def test_admin_endpoints(base_url: str, suite: Suite) -> None:
     assert flushed.status_code == 200 and flushed.json()["success"] is True
     bad = httpx.post(f"{base_url}/workers", json={}, trust_env=False)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "url"
+    bad = httpx.post(f"{base_url}/workers", json={"url": "ftp://h:1"}, trust_env=False)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "url"
+    assert "unsupported scheme" in bad.json()["error"]["message"]
     missing = httpx.get(f"{base_url}/workers/{quote('grpc://127.0.0.1:1', safe='')}",
                         trust_env=False)
     assert missing.status_code == 404

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from services.common.errors import ErrorCode, ServiceError
-from services.router.config import RouterConfig
+from services.router.config import RouterConfig, worker_url_problem
 from services.router.policies import (
     POLICY_NAMES,
     PowerOfTwoPolicy,
@@ -136,3 +136,21 @@ def test_select_skips_unhealthy_workers() -> None:
 def test_urls_are_normalized() -> None:
     assert normalize_url("127.0.0.1:5") == "grpc://127.0.0.1:5"
     assert normalize_url("grpc://127.0.0.1:5/") == "grpc://127.0.0.1:5"
+
+
+@pytest.mark.parametrize("url", ["grpc://127.0.0.1:30000", "127.0.0.1:30000", "grpc://[::1]:5/",
+                                 "worker-0.svc:30000", "http://h", "https://h:8443/"])
+def test_worker_urls_that_name_a_worker(url: str) -> None:
+    assert worker_url_problem(url) is None
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("", "required"), ("ftp://h:1", "unsupported scheme 'ftp://'"),
+    ("grpcs://h:1", "TLS to gRPC workers is not supported"), ("grpc://h", "needs a host and a port"),
+    ("h:port", "needs a host and a port"), ("grpc://:5", "needs a host and a port"),
+    ("grpc://h:70000", "needs a host and a port"), ("http://", "has no host"),
+])
+def test_worker_urls_that_cannot_are_refused_with_the_reason(url: str, says: str) -> None:
+    assert says in (worker_url_problem(url) or "")
+    with pytest.raises(ValueError, match="--worker-urls"):
+        RouterConfig(worker_urls=[url])
