@@ -13,6 +13,11 @@ from typing import Any
 from services.gateway.errors import invalid
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
+# Content parts whose text sits under a key of their own.
+_PART_TEXT = {"input_text": "text", "output_text": "text", "text": "text",
+              "refusal": "refusal", "summary_text": "text", "reasoning_text": "text"}
+# Item types a prompt can be built from (reasoning items are kept, not replayed).
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 def new_id(prefix: str) -> str:
@@ -45,6 +50,16 @@ def _text_parts(role: str, content: Any, param: str) -> list[dict[str, Any]]:
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise invalid(f"{param}[{i}]", f"Invalid content part at '{param}[{i}]': expected "
                                            "an object with a 'type'.")
+        key = _PART_TEXT.get(part["type"])
+        if key is not None and part.get(key) is None:
+            raise invalid(f"{param}[{i}].{key}",
+                          f"Missing required parameter: '{param}[{i}].{key}'.")
+        if key is not None and not isinstance(part[key], str):
+            raise invalid(f"{param}[{i}].{key}",
+                          f"Invalid type for '{param}[{i}].{key}': expected a string.")
+        if part["type"] == "input_image" and not (part.get("image_url") or part.get("file_id")):
+            raise invalid(f"{param}[{i}].image_url",
+                          f"Missing required parameter: '{param}[{i}].image_url' (or file_id).")
         parts.append(part)
     return parts
 
@@ -56,6 +71,11 @@ def normalize_input_item(item: Any, param: str) -> dict[str, Any]:
     kind = item.get("type") or ("message" if "role" in item else None)
     if kind is None:
         raise invalid(f"{param}.type", f"Missing required parameter: '{param}.type'.")
+    if kind not in _ITEM_TYPES:
+        hint = ("; send the item itself" if kind == "item_reference" else "")
+        raise invalid(f"{param}.type", f"Invalid value for '{param}.type': {kind!r} items are "
+                                       f"not supported (supported: {', '.join(_ITEM_TYPES)})"
+                                       f"{hint}.")
     out = dict(item)
     out["type"] = kind
     if kind == "message":

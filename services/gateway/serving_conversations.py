@@ -6,7 +6,7 @@ from typing import Any
 
 from sglmesh.history.v1 import history_pb2 as hpb
 
-from services.gateway.errors import invalid
+from services.gateway.errors import OpenAIError, invalid
 from services.gateway.items import list_page, normalize_input_item
 from services.gateway.storage import Storage, item_from_proto, item_to_proto
 
@@ -31,6 +31,17 @@ def check_metadata(value: Any, param: str = "metadata") -> dict[str, str]:
             raise invalid(param, f"Invalid '{param}': keys are at most 64 characters and "
                                  "values at most 512.")
     return value
+
+
+async def list_call(storage: Storage, method: str, request: Any, request_id: str) -> Any:
+    """A history list call; the history service's page token is the client's ``after``."""
+    try:
+        return await storage.call(method, request, request_id)
+    except OpenAIError as exc:
+        if exc.param == "page_token":
+            exc.param = "after"
+            exc.message = exc.message.replace("page_token", "after")
+        raise
 
 
 def page_params(limit: str | None, order: str | None, default_order: str = "desc"
@@ -116,9 +127,11 @@ class ConversationService:
                          limit: str | None, order: str | None, request_id: str = ""
                          ) -> dict[str, Any]:
         size, sort = page_params(limit, order)
-        reply = await self.storage.call("ListConversationItems", hpb.ListConversationItemsRequest(
-            tenant=tenant, conversation_id=conversation_id, page_size=size,
-            page_token=after or "", order=sort), request_id)
+        reply = await list_call(self.storage, "ListConversationItems",
+                                hpb.ListConversationItemsRequest(
+                                    tenant=tenant, conversation_id=conversation_id,
+                                    page_size=size, page_token=after or "", order=sort),
+                                request_id)
         return list_page([item_from_proto(i) for i in reply.items], bool(reply.next_page_token))
 
     async def all_items(self, tenant: str, conversation_id: str, request_id: str = ""

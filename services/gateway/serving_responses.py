@@ -27,6 +27,7 @@ from services.gateway.serving_chat import ChatCompletionService, Delta, Generati
 from services.gateway.serving_conversations import (
     ConversationService,
     check_metadata,
+    list_call,
     page_params,
 )
 from services.gateway.storage import Storage, item_from_proto, item_to_proto
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 # Chat parameter names -> the Responses names a client sent.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input",
-           "response_format": "text.format", "top_logprobs": "top_logprobs"}
+           "response_format": "text.format", "top_logprobs": "top_logprobs",
+           "tool_choice.function.name": "tool_choice.name"}
 # Chat-completion fields a Responses request may carry as extras (SGLang's and OpenAI's).
 _CHAT_EXTRAS = ("ignore_eos", "min_tokens", "stop", "frequency_penalty", "presence_penalty",
                 "separate_reasoning", "stream_interval")
@@ -165,10 +167,14 @@ def _tools(request: ResponsesRequest) -> list[dict[str, Any]] | None:
 
 
 def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    """The chat form; the chat checks (a tool choice needs tools, a named tool must be one of
+    them) then name the Responses field (``_PARAMS``)."""
     if isinstance(choice, dict):
-        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        if choice.get("type") != "function":
             raise invalid("tool_choice", "Invalid 'tool_choice': expected none, auto, required "
                                          "or {\"type\": \"function\", \"name\": ...}.")
+        if not isinstance(choice.get("name"), str) or not choice["name"]:
+            raise invalid("tool_choice.name", "Missing required parameter: 'tool_choice.name'.")
         return {"type": "function", "function": {"name": choice["name"]}}
     return choice
 
@@ -239,7 +245,7 @@ class ResponsesService:
                 "top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p,
                 "repetition_penalty": request.repetition_penalty, "seed": request.seed,
                 "tools": _tools(request),
-                "tool_choice": _tool_choice(request.tool_choice) if request.tools else None,
+                "tool_choice": _tool_choice(request.tool_choice),
                 "parallel_tool_calls": request.parallel_tool_calls,
                 "response_format": _response_format(request.text),
                 "logprobs": bool(request.top_logprobs), "top_logprobs": request.top_logprobs,
@@ -466,9 +472,9 @@ class ResponsesService:
                           limit: str | None, order: str | None, request_id: str = ""
                           ) -> dict[str, Any]:
         size, sort = page_params(limit, order)
-        reply = await self.storage.call("ListResponseInputItems",
-                                        hpb.ListResponseInputItemsRequest(
-                                            tenant=tenant, response_id=response_id,
-                                            page_size=size, page_token=after or "", order=sort),
-                                        request_id)
+        reply = await list_call(self.storage, "ListResponseInputItems",
+                                hpb.ListResponseInputItemsRequest(
+                                    tenant=tenant, response_id=response_id, page_size=size,
+                                    page_token=after or "", order=sort),
+                                request_id)
         return list_page([item_from_proto(i) for i in reply.items], bool(reply.next_page_token))

@@ -141,6 +141,12 @@ def test_conversation_errors(base_url: str, client: openai.OpenAI) -> None:
         ("get", f"/v1/conversations/{conv.id}/items?order=up", None, 400, "order"),
         ("post", "/v1/conversations", {"metadata": {"k": 1}}, 400, "metadata"),
         ("get", "/v1/conversations/conv_missing", None, 404, None),
+        ("post", f"/v1/conversations/{conv.id}/items",
+         {"items": [{"role": "user", "content": [{"type": "input_text"}]}]}, 400,
+         "items[0].content[0].text"),
+        ("post", f"/v1/conversations/{conv.id}/items",
+         {"items": [{"type": "web_search_call", "id": "ws_1"}]}, 400, "items[0].type"),
+        ("get", f"/v1/conversations/{conv.id}/items?after=msg_unknown", None, 400, "after"),
     ]
     for method, path, body, status, param in cases:
         reply = httpx.request(method, f"{base_url}{path}", json=body, trust_env=False)
@@ -342,6 +348,15 @@ def test_background_response_and_cancel(client: openai.OpenAI) -> None:
     ({"input": "hi", "temperature": 5}, 400, "temperature"),
     ({"input": "hi", "stream_interval": 0}, 400, "stream_interval"),
     ({"input": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ({"input": "hi", "tool_choice": "required"}, 400, "tool_choice"),
+    ({"input": "hi", "tool_choice": {"type": "function"}}, 400, "tool_choice.name"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}],
+      "tool_choice": {"type": "function", "name": "g"}}, 400, "tool_choice.name"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, 400,
+     "input[0].content[0].text"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, 400,
+     "input[0].content[0].text"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input[0].type"),
 ])
 def test_response_errors(base_url: str, body: dict, status: int, param: str | None) -> None:
     reply = httpx.post(f"{base_url}/v1/responses", json={"model": MODEL, **body},
