@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.common.metrics import child
 from services.common.telemetry import server_span
 from services.gateway.backends import Backends
+from services.gateway.body import inflate
 from services.gateway.config import GatewayConfig
 from services.gateway.dashboard import install_dashboard
 from services.gateway.direct_routes import DirectRoutes
@@ -102,7 +103,8 @@ def too_large(size: int | str, limit: int) -> OpenAIError:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body; 413 over ``limit`` (checked on content-length, then while reading)."""
+    """The raw body (inflated if the client compressed it); 413 over ``limit`` (checked on
+    content-length, then while reading)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large(declared, limit)
@@ -114,6 +116,9 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large(f"more than {limit}", limit)
         chunks.append(chunk)
     body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if body and encoding not in ("", "identity"):
+        body = inflate(body, encoding, limit)
     request._body = body  # later reads (and receive()) see the body as consumed
     return body
 
@@ -329,9 +334,16 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = (f"Unknown route {request.method} {request.url.path}" if exc.status_code == 404
-                   else str(exc.detail))
-        return error_response(OpenAIError(exc.status_code, message), request_id(request))
+        allowed = (exc.headers or {}).get("Allow", "")
+        if exc.status_code == 404:
+            message = f"Unknown route {request.method} {request.url.path}"
+        elif exc.status_code == 405 and allowed:
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+        else:
+            message = str(exc.detail)
+        response = error_response(OpenAIError(exc.status_code, message), request_id(request))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.post("/v1/chat/completions", tags=["chat"],
               **documented(ChatCompletionRequest, ChatCompletionResponse, stream=True))

@@ -42,6 +42,7 @@ from sglmesh.router.v1 import router_lease_pb2 as lease_pb
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.gateway.body import inflate
 from services.gateway.errors import OpenAIError, from_grpc
 from services.gateway.streaming import EventStreamResponse
 
@@ -423,6 +424,18 @@ class UpstreamMiddleware:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         replayed = False
+        request_id = str(scope.get("state", {}).get("request_id", ""))
+        encoding = next((v.decode("latin-1").strip().lower() for k, v in scope["headers"]
+                         if k == b"content-encoding"), "")
+        if body and encoding not in ("", "identity"):
+            # Inflated once, here: the relay forwards plain JSON, the facade reads it as sent.
+            try:
+                body = inflate(body, encoding, self.max_payload)
+            except OpenAIError as exc:
+                await _json_error(exc, request_id)(scope, receive, send)
+                return
+            size = len(body)
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-encoding"]
 
         async def replay() -> Message:
             nonlocal replayed
@@ -431,7 +444,6 @@ class UpstreamMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        request_id = str(scope.get("state", {}).get("request_id", ""))
         try:
             decision = await self._decide(kind, body, size)
         except OpenAIError as exc:

@@ -7,9 +7,11 @@ as tenants, a dead history service, a gateway restart in the middle of a respons
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -671,6 +673,47 @@ def test_payload_limit_is_413(suite: Suite) -> None:
         small = httpx.post(f"{url}/v1/chat/completions", trust_env=False, timeout=60, json={
             "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
         assert small.status_code == 200
+        # A compressed body is held to the limit once inflated: 3 kB of "x" gzip to ~50 bytes.
+        bomb = gzip.compress(json.dumps(big).encode())
+        reply = httpx.post(f"{url}/v1/chat/completions", content=bomb, trust_env=False,
+                           headers={"content-type": "application/json",
+                                    "content-encoding": "gzip"})
+        assert len(bomb) < 2000 and reply.status_code == 413
+        assert reply.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_body_is_inflated(base_url: str, encoding: str) -> None:
+    body = json.dumps({"model": MODEL, "prompt": PROMPT}).encode()
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    reply = httpx.post(f"{base_url}/v1/tokenize", content=packed, trust_env=False,
+                       headers={"content-type": "application/json", "content-encoding": encoding})
+    plain = httpx.post(f"{base_url}/v1/tokenize", content=body, trust_env=False,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == plain.json()
+
+
+@pytest.mark.parametrize(("encoding", "content", "status"), [
+    ("br", b"\x1b\x03", 415),  # an encoding the gateway does not take
+    ("gzip", b"not gzip at all", 400),
+])
+def test_a_body_that_cannot_be_inflated_is_refused_naming_the_header(
+        base_url: str, encoding: str, content: bytes, status: int) -> None:
+    reply = httpx.post(f"{base_url}/v1/chat/completions", content=content, trust_env=False,
+                       headers={"content-type": "application/json",
+                                "content-encoding": encoding})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "content-encoding" and error["type"] == "invalid_request_error"
+
+
+def test_a_method_a_route_does_not_take_is_a_405_with_allow(base_url: str) -> None:
+    reply = httpx.get(f"{base_url}/v1/chat/completions", trust_env=False)
+    assert reply.status_code == 405
+    assert reply.headers["allow"] == "POST"
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and "allowed: POST" in error["message"]
 
 
 LONG = {"model": MODEL, "max_tokens": 2000, "ignore_eos": True,

@@ -8,6 +8,8 @@ test relays to them under router leases (see services/gateway/upstreams.py).
 
 from __future__ import annotations
 
+import gzip
+import json
 import threading
 import time
 from collections import Counter
@@ -75,6 +77,25 @@ def test_chat_spreads_over_grpc_and_http_workers(fleet: Fleet) -> None:
         # Relayed answers name the HTTP worker; the gRPC path has no such header.
         served[raw.headers.get("x-sglmesh-worker", fleet.grpc_worker)] += 1
     assert set(served) == {fleet.grpc_worker, *fleet.http_workers}, served
+
+
+def test_a_compressed_body_reaches_http_and_grpc_workers_inflated(fleet: Fleet) -> None:
+    served: Counter[str] = Counter()
+    for i in range(9):
+        body = json.dumps({"model": MODEL, "max_tokens": 2, "messages": [
+            {"role": "user", "content": f"{i} compressed question number {i} " + "z" * (i * 7)}]})
+        reply = httpx.post(f"{fleet.url}/v1/chat/completions", content=gzip.compress(
+            body.encode()), trust_env=False, timeout=60, headers={
+            "content-type": "application/json", "content-encoding": "gzip"})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] is not None
+        served[reply.headers.get("x-sglmesh-worker", fleet.grpc_worker)] += 1
+    assert len(served) >= 2, served  # relayed to an HTTP worker and served over gRPC
+    refused = httpx.post(f"{fleet.url}/v1/chat/completions", content=b"\x1b\x03",
+                         trust_env=False, headers={"content-type": "application/json",
+                                                   "content-encoding": "br"})
+    assert refused.status_code == 415
+    assert refused.json()["error"]["param"] == "content-encoding"
 
 
 def test_streaming_sse_is_relayed_untouched(fleet: Fleet) -> None:
