@@ -15,7 +15,8 @@ Int64 = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NaN and infinities are not numbers a sampler can use: refused as such, not by a bound.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(OpenAIModel):

@@ -187,6 +187,17 @@ def test_bad_requests_name_the_parameter(base_url: str, body: dict, status: int,
     assert error["message"] and error["type"]
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_that_is_not_finite_is_named_as_such(base_url: str, value: str) -> None:
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
+            '"max_tokens": 1, "top_p": %s}' % (MODEL, value))
+    reply = httpx.post(f"{base_url}/v1/chat/completions", content=body, trust_env=False,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "top_p" and "finite" in error["message"]
+
+
 def test_malformed_json_is_a_400(base_url: str) -> None:
     reply = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json",
                        headers={"content-type": "application/json"}, trust_env=False)
