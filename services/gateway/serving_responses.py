@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input",
            "response_format": "text.format", "top_logprobs": "top_logprobs",
            "tool_choice.function.name": "tool_choice.name"}
+_LOGPROBS = "message.output_text.logprobs"
 # Chat-completion fields a Responses request may carry as extras (SGLang's and OpenAI's).
 _CHAT_EXTRAS = ("ignore_eos", "min_tokens", "stop", "frequency_penalty", "presence_penalty",
                 "separate_reasoning", "stream_interval")
@@ -67,6 +68,9 @@ class OutputBuilder:
         self.events: list[dict[str, Any]] = []
         self._open: tuple[str, int] | None = None  # (kind, tool index)
         self._calls: dict[int, int] = {}  # tool index -> output index
+        # Logprobs of tokens whose text has not come out yet (held back by a stop string's
+        # prefix, say): they go with the next text, or with the message when it closes.
+        self._logprobs: list[dict[str, Any]] = []
 
     @property
     def _item(self) -> dict[str, Any]:
@@ -88,6 +92,7 @@ class OutputBuilder:
                              "logprobs": []})
 
     def add(self, delta: Delta) -> None:
+        self._logprobs += delta.logprobs
         if delta.reasoning:
             if self._open is None or self._open[0] != "reasoning":
                 self._start("reasoning", {"id": new_id("rs"), "type": "reasoning",
@@ -103,10 +108,13 @@ class OutputBuilder:
                                         "status": "in_progress", "role": "assistant",
                                         "content": [{"type": "output_text", "text": "",
                                                      "annotations": [], "logprobs": []}]})
-            self._item["content"][0]["text"] += delta.text
+            part = self._item["content"][0]
+            part["text"] += delta.text
+            logprobs, self._logprobs = self._logprobs, []
+            part["logprobs"] += logprobs
             self._emit("response.output_text.delta", item_id=self._item["id"],
                        output_index=len(self.output) - 1, content_index=0, delta=delta.text,
-                       logprobs=[])
+                       logprobs=logprobs)
         for part in delta.tool_calls:
             if self._open != ("call", part.index):
                 if part.index in self._calls:  # a fragment of an earlier call: append quietly
@@ -133,8 +141,10 @@ class OutputBuilder:
                        content_index=0, text=item["content"][0]["text"])
         elif kind == "message":
             part = item["content"][0]
+            part["logprobs"] += self._logprobs
+            self._logprobs = []
             self._emit("response.output_text.done", item_id=item["id"], output_index=index,
-                       content_index=0, text=part["text"], logprobs=[])
+                       content_index=0, text=part["text"], logprobs=part["logprobs"])
             self._emit("response.content_part.done", item_id=item["id"], output_index=index,
                        content_index=0, part=dict(part))
         else:
@@ -248,7 +258,10 @@ class ResponsesService:
                 "tool_choice": _tool_choice(request.tool_choice),
                 "parallel_tool_calls": request.parallel_tool_calls,
                 "response_format": _response_format(request.text),
-                "logprobs": bool(request.top_logprobs), "top_logprobs": request.top_logprobs,
+                # OpenAI returns them when asked through include; top_logprobs says how many
+                # alternatives each token gets.
+                "logprobs": bool(request.top_logprobs) or _LOGPROBS in (request.include or ()),
+                "top_logprobs": request.top_logprobs,
                 **{k: v for k, v in (request.model_extra or {}).items() if k in _CHAT_EXTRAS},
             })
         except ValidationError as exc:

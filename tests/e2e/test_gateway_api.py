@@ -266,6 +266,29 @@ def test_response_stream_events(client: openai.OpenAI, base_url: str) -> None:
         client.responses.retrieve(whole.id)
 
 
+def test_response_logprobs_when_included(client: openai.OpenAI) -> None:
+    """include=["message.output_text.logprobs"] returns one entry per output token (with
+    top_logprobs alternatives each); streamed, the deltas carry them and the done event has
+    them all; not asked, there are none."""
+    asked = {"model": MODEL, "input": FRANCE, "temperature": 0, "max_output_tokens": 5,
+             "store": False, "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    r = client.responses.create(**asked)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens == 5
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in part.logprobs)
+    assert part.logprobs[0].token == part.logprobs[0].top_logprobs[0].token  # greedy
+    events = list(client.responses.create(**asked, stream=True))
+    streamed = [lp for e in events if e.type == "response.output_text.delta"
+                for lp in e.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [lp.token for lp in streamed] == [lp.token for lp in done.logprobs] == [
+        lp.token for lp in part.logprobs]
+    plain = client.responses.create(model=MODEL, input=FRANCE, temperature=0,
+                                    max_output_tokens=5, store=False)
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_response_incomplete_at_max_output_tokens(client: openai.OpenAI) -> None:
     r = client.responses.create(model=MODEL, input="Tell me a long story.", temperature=0,
                                 max_output_tokens=3)
