@@ -189,8 +189,9 @@ def test_bad_requests_name_the_parameter(base_url: str, body: dict, status: int,
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_a_number_that_is_not_finite_is_named_as_such(base_url: str, value: str) -> None:
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
-            '"max_tokens": 1, "top_p": %s}' % (MODEL, value))
+    # Written by hand: json.dumps would not put a bare NaN or Infinity there on purpose.
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 1, "top_p": 0.5}).replace("0.5", value)
     reply = httpx.post(f"{base_url}/v1/chat/completions", content=body, trust_env=False,
                        headers={"content-type": "application/json"})
     assert reply.status_code == 400, reply.text
