@@ -239,6 +239,19 @@ def _worker_url(raw: str) -> str:
     return url
 
 
+class HeadAsGet:
+    """A HEAD request is answered as its GET (uvicorn sends the headers without the body):
+    load balancers and uptime checks probe with HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}  # the server keeps its own scope: HEAD
+        await self.app(scope, receive, send)
+
+
 class AuthMiddleware:
     """Bearer API keys (pure ASGI); the key's hash is the request's history tenant."""
 
@@ -308,6 +321,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     # Outermost first: telemetry (request id, span) wraps authentication.
     app.add_middleware(AuthMiddleware, api_keys=config.api_keys)
     app.add_middleware(TelemetryMiddleware)
+    app.add_middleware(HeadAsGet)
     install_dashboard(app, lambda: state["backends"])
     max_payload = config.max_payload_size
     keepalive = config.sse_keepalive_secs

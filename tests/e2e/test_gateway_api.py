@@ -731,6 +731,14 @@ def test_a_body_that_cannot_be_inflated_is_refused_naming_the_header(
     assert error["param"] == "content-encoding" and error["type"] == "invalid_request_error"
 
 
+def test_head_is_answered_like_get_without_a_body(base_url: str) -> None:
+    for path in ("/liveness", "/health", "/v1/models"):
+        head = httpx.head(f"{base_url}{path}", trust_env=False)
+        get = httpx.get(f"{base_url}{path}", trust_env=False)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+
+
 def test_a_method_a_route_does_not_take_is_a_405_with_allow(base_url: str) -> None:
     reply = httpx.get(f"{base_url}/v1/chat/completions", trust_env=False)
     assert reply.status_code == 405
