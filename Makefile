@@ -27,3 +27,4 @@ check-proto:
 
 lint:
 	$(BIN)/ruff check services tests scripts benchmarks
+	$(BIN)/mypy services

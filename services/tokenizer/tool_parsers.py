@@ -1043,12 +1043,12 @@ class TaggedArgumentsToolParser(ToolParser):
             elif self.state == "header":
                 # Until the call commits its start tag stays in the buffer, so a failure
                 # returns it as content too.
-                found = self._name(self._buf[len(self.CALL_START):], final)
-                if found is None:
+                header = self._name(self._buf[len(self.CALL_START):], final)
+                if header is None:
                     if len(self._buf) > self.MAX_HEADER + len(self.CALL_START):
                         raise _Invalid("no function name")
                     return
-                name, length = found
+                name, length = header
                 out.begin(self._check_name(name))
                 self._buf = self._buf[len(self.CALL_START) + length:]
                 self.state, self._arguments_open = "arguments", False
@@ -1062,10 +1062,10 @@ class TaggedArgumentsToolParser(ToolParser):
                     continue
                 if not rest or (not final and self.CALL_END.startswith(rest)):
                     return
-                found = self._argument(rest, final)
-                if found is None:
+                argument = self._argument(rest, final)
+                if argument is None:
                     return
-                key, raw, length = found
+                key, raw, length = argument
                 schema = self.tool_parameters.get(self.calls[-1].name)
                 declared = (schema or {}).get("properties", {}) if isinstance(schema, dict) else {}
                 value = typed_argument(raw, declared.get(key) if isinstance(declared, dict)
