@@ -154,6 +154,20 @@ class _DrainingChannel(Channel):
         return _DrainingProtocol(Handler(), self._config, self._h2_config)
 
 
+def _raise_for_status(stream: Any) -> None:
+    """The worker's status for a stream that ended: its trailers (or trailers-only headers).
+
+    grpclib reads them when the call is left only while the connection is still open, so a
+    worker that failed or cancelled the call and then closed the connection (one shutting
+    down) would pass for a complete answer; a stream that ended without any status is not one
+    either."""
+    ended = stream._stream  # grpclib's HTTP/2 stream (grpclib is pinned < 0.5)
+    if ended.trailers is None and "grpc-status" not in dict(ended.headers or ()):
+        raise _rpc_error(grpc.StatusCode.UNAVAILABLE,
+                         "the worker ended the stream without a gRPC status")
+    stream._maybe_raise()  # GRPCError for any status but OK
+
+
 class GenerateChannel:
     """``Generate`` calls to one worker over one HTTP/2 connection, made on first use (and
     again after the connection is lost) on the event loop that uses it."""
@@ -188,6 +202,7 @@ class GenerateChannel:
                 await stream.send_message(request, end=True)
                 async for reply in stream:
                     yield reply
+                _raise_for_status(stream)
         except GRPCError as exc:
             raise _rpc_error(grpc.StatusCode[exc.status.name], exc.message or "",
                              exc.details) from None
