@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 
 from services.gateway.errors import OpenAIError, invalid
 
 ENCODINGS = ("gzip", "x-gzip", "deflate")
 
 
-def inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """``body`` inflated; 413 once it passes ``limit`` (a small body can inflate a
-    thousandfold), 400 for data that is not what ``encoding`` says, 415 for another encoding."""
+def inflated(body: bytes, headers: Iterable[tuple[bytes, bytes]], limit: int) -> bytes:
+    """``body`` as sent when the ASGI ``headers`` name no ``Content-Encoding``, else inflated;
+    413 once it passes ``limit`` (a small body can inflate a thousandfold), 400 for data that
+    is not what the header says, 415 for another encoding."""
+    encoding = next((v.decode("latin-1").strip().lower() for k, v in headers
+                     if k == b"content-encoding"), "")
+    if not body or encoding in ("", "identity"):
+        return body
     if encoding not in ENCODINGS:
         raise OpenAIError(415, f"Content-Encoding {encoding!r} is not supported: send the body "
                                "as is, gzip or deflate.", "content-encoding")

@@ -13,9 +13,12 @@ from typing import Any
 from services.gateway.errors import invalid
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
-# Content parts whose text sits under a key of their own.
-_PART_TEXT = {"input_text": "text", "output_text": "text", "text": "text",
-              "refusal": "refusal", "summary_text": "text", "reasoning_text": "text"}
+# Content parts (chat's and the Responses API's) -> the keys their payload may sit under; a
+# part without one would render as nothing, or fail inside the chat template.
+_PART_PAYLOAD = {"text": ("text",), "input_text": ("text",), "output_text": ("text",),
+                 "summary_text": ("text",), "reasoning_text": ("text",), "refusal": ("refusal",),
+                 "image_url": ("image_url",), "input_image": ("image_url", "file_id"),
+                 "input_audio": ("input_audio",), "video_url": ("video_url",), "file": ("file",)}
 # Item types a prompt can be built from (reasoning items are kept, not replayed).
 _ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
@@ -50,18 +53,24 @@ def _text_parts(role: str, content: Any, param: str) -> list[dict[str, Any]]:
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise invalid(f"{param}[{i}]", f"Invalid content part at '{param}[{i}]': expected "
                                            "an object with a 'type'.")
-        key = _PART_TEXT.get(part["type"])
-        if key is not None and part.get(key) is None:
-            raise invalid(f"{param}[{i}].{key}",
-                          f"Missing required parameter: '{param}[{i}].{key}'.")
-        if key is not None and not isinstance(part[key], str):
-            raise invalid(f"{param}[{i}].{key}",
-                          f"Invalid type for '{param}[{i}].{key}': expected a string.")
-        if part["type"] == "input_image" and not (part.get("image_url") or part.get("file_id")):
-            raise invalid(f"{param}[{i}].image_url",
-                          f"Missing required parameter: '{param}[{i}].image_url' (or file_id).")
+        check_part_payload(part, f"{param}[{i}]")
         parts.append(part)
     return parts
+
+
+def check_part_payload(part: dict[str, Any], param: str) -> None:
+    """A typed content part carries its payload: ``{"type": "text", "text": "..."}``."""
+    keys = _PART_PAYLOAD.get(part["type"])
+    if keys is None:
+        return
+    if all(part.get(key) is None for key in keys):
+        either = f" (or {', '.join(keys[1:])})" if len(keys) > 1 else ""
+        raise invalid(f"{param}.{keys[0]}",
+                      f"Missing required parameter: '{param}.{keys[0]}'{either}.")
+    if keys[0] in ("text", "refusal"):  # strings; the others are objects or urls
+        if not isinstance(part[keys[0]], str):
+            raise invalid(f"{param}.{keys[0]}",
+                          f"Invalid type for '{param}.{keys[0]}': expected a string.")
 
 
 def normalize_input_item(item: Any, param: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.common.metrics import child
 from services.common.telemetry import server_span
 from services.gateway.backends import Backends
-from services.gateway.body import inflate
+from services.gateway.body import inflated
 from services.gateway.config import GatewayConfig
 from services.gateway.dashboard import install_dashboard
 from services.gateway.direct_routes import DirectRoutes
@@ -115,10 +115,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise too_large(f"more than {limit}", limit)
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "").strip().lower()
-    if body and encoding not in ("", "identity"):
-        body = inflate(body, encoding, limit)
+    body = inflated(b"".join(chunks), request.scope["headers"], limit)
     request._body = body  # later reads (and receive()) see the body as consumed
     return body
 

@@ -27,6 +27,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from services.common.structs import to_struct
 from services.gateway.backends import Backends, ServedModel
 from services.gateway.errors import OpenAIError, from_grpc, invalid
+from services.gateway.items import check_part_payload
 from services.gateway.metrics import TTFT, record_usage
 from services.gateway.protocol import (
     ChatCompletionChoice,
@@ -471,9 +472,6 @@ def forced_tool_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
             "items": {"anyOf": variants}}
 
 
-_PART_PAYLOADS = frozenset({"text", "image_url", "input_audio", "video_url", "file"})
-
-
 def check_message(message: ChatMessage, param: str) -> None:
     """What OpenAI requires of a message beyond its shape: content where the role needs it,
     and a type on every content part (a template would otherwise render them as it guesses)."""
@@ -492,15 +490,7 @@ def check_message(message: ChatMessage, param: str) -> None:
             if not isinstance(kind, str) or not kind:
                 raise invalid(f"{param}.content[{j}].type",
                               f"Missing required parameter: '{param}.content[{j}].type'.")
-            # The part's payload sits under a key named after its type ("text": {"type":
-            # "text", "text": "..."}); without it the template would render nothing or fail.
-            if kind in _PART_PAYLOADS and part.get(kind) is None:
-                raise invalid(f"{param}.content[{j}].{kind}",
-                              f"Missing required parameter: '{param}.content[{j}].{kind}'.")
-            if kind == "text" and not isinstance(part["text"], str):
-                raise invalid(f"{param}.content[{j}].text",
-                              f"Invalid type for '{param}.content[{j}].text': expected a "
-                              "string.")
+            check_part_payload(part, f"{param}.content[{j}]")
 
 
 class ChatCompletionService:

@@ -42,7 +42,7 @@ from sglmesh.router.v1 import router_lease_pb2 as lease_pb
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.body import inflate
+from services.gateway.body import inflated
 from services.gateway.errors import OpenAIError, from_grpc
 from services.gateway.streaming import EventStreamResponse
 
@@ -425,16 +425,14 @@ class UpstreamMiddleware:
         body = b"".join(chunks)
         replayed = False
         request_id = str(scope.get("state", {}).get("request_id", ""))
-        encoding = next((v.decode("latin-1").strip().lower() for k, v in scope["headers"]
-                         if k == b"content-encoding"), "")
-        if body and encoding not in ("", "identity"):
+        try:
+            plain = inflated(body, scope["headers"], self.max_payload)
+        except OpenAIError as exc:
+            await _json_error(exc, request_id)(scope, receive, send)
+            return
+        if plain is not body:
             # Inflated once, here: the relay forwards plain JSON, the facade reads it as sent.
-            try:
-                body = inflate(body, encoding, self.max_payload)
-            except OpenAIError as exc:
-                await _json_error(exc, request_id)(scope, receive, send)
-                return
-            size = len(body)
+            body, size = plain, len(plain)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-encoding"]
 
         async def replay() -> Message:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from services.common.config import ServiceConfig, option
+from services.common.net import split_host_port
 from services.router.policies import POLICY_NAMES, PolicyConfig
 from services.router.resilience import CircuitBreakerConfig, RetryConfig
 
@@ -23,8 +24,11 @@ def worker_url_problem(url: str) -> str | None:
     if sep and scheme != "grpc":
         return (f"{url!r}: unsupported scheme {scheme + '://'!r}; expected grpc://host:port "
                 "or http(s)://host[:port]")
-    host, _, port = (rest if sep else url).rstrip("/").rpartition(":")
-    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        host, port = split_host_port(url)
+    except ValueError:  # a port that is not a number
+        host, port = "", 0
+    if not host or not 0 < port < 65536:
         return f"{url!r}: a gRPC worker needs a host and a port, e.g. grpc://127.0.0.1:30000"
     return None
 
